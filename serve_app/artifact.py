@@ -1,0 +1,158 @@
+"""The model artifact: train it, write it with metadata and a checksum, verify, load.
+
+An artifact is a directory holding ``model.joblib`` and ``metadata.json``. The metadata
+carries the version, feature names and types, training metrics and the sha256 of the
+model file. Loading a pickle runs code, so :func:`load_artifact` refuses a file whose
+checksum does not match, and the artifact path is trusted configuration only (it comes
+from the Serve YAML, never from a request).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+from sklearn.compose import ColumnTransformer
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OrdinalEncoder
+
+from serve_app.datagen import generate_training_events
+from serve_app.errors import ArtifactError
+from serve_app.features import (
+    CATEGORICAL_FEATURES,
+    CATEGORIES,
+    MODEL_COLUMNS,
+    NUMERIC_FEATURES,
+    feature_types,
+)
+
+MODEL_FILE = "model.joblib"
+METADATA_FILE = "metadata.json"
+N_TRAIN_EVENTS = 60_000
+N_TEST_EVENTS = 20_000
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified, loaded model and its metadata."""
+
+    pipeline: Pipeline
+    metadata: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata["version"])
+
+
+def make_pipeline(seed: int) -> Pipeline:
+    """Ordinal-encode categoricals (unknown and missing -> NaN), then a boosted tree ensemble."""
+    encoder = OrdinalEncoder(
+        categories=[list(CATEGORIES[name]) for name in CATEGORICAL_FEATURES],
+        handle_unknown="use_encoded_value",
+        unknown_value=np.nan,
+        encoded_missing_value=np.nan,
+    )
+    columns = ColumnTransformer(
+        [
+            ("categorical", encoder, list(CATEGORICAL_FEATURES)),
+            ("numeric", "passthrough", list(NUMERIC_FEATURES)),
+        ],
+        verbose_feature_names_out=False,
+    )
+    model = HistGradientBoostingClassifier(
+        max_iter=150,
+        learning_rate=0.08,
+        categorical_features=list(range(len(CATEGORICAL_FEATURES))),
+        random_state=seed,
+    )
+    return Pipeline([("columns", columns), ("model", model)])
+
+
+def train(entities: Any, seed: int) -> tuple[Pipeline, dict[str, float]]:
+    """Train on generated events; evaluate on a held-out set drawn the same way."""
+    events, labels = generate_training_events(entities, N_TRAIN_EVENTS + N_TEST_EVENTS, seed)
+    events = events[list(MODEL_COLUMNS)]
+    train_x, test_x = events.iloc[:N_TRAIN_EVENTS], events.iloc[N_TRAIN_EVENTS:]
+    train_y, test_y = labels[:N_TRAIN_EVENTS], labels[N_TRAIN_EVENTS:]
+    pipeline = make_pipeline(seed).fit(train_x, train_y)
+    proba = pipeline.predict_proba(test_x)[:, 1]
+    metrics = {
+        "roc_auc": round(float(roc_auc_score(test_y, proba)), 4),
+        "log_loss": round(float(log_loss(test_y, proba)), 4),
+        "accuracy": round(float(accuracy_score(test_y, proba >= 0.5)), 4),
+        "positive_rate": round(float(test_y.mean()), 4),
+        "n_train": N_TRAIN_EVENTS,
+        "n_test": N_TEST_EVENTS,
+    }
+    return pipeline, metrics
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_artifact(
+    model_dir: Path, pipeline: Pipeline, metrics: dict[str, float], seed: int
+) -> dict[str, Any]:
+    """Write model and metadata into a temp dir, then rename: readers never see half."""
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=model_dir.parent))
+    joblib.dump(pipeline, staging / MODEL_FILE)
+    checksum = sha256_of(staging / MODEL_FILE)
+    metadata = {
+        "name": "example-churn-hgb",
+        "version": f"1.0.0+{checksum[:12]}",
+        "seed": seed,
+        "features": list(MODEL_COLUMNS),
+        "feature_types": feature_types(),
+        "categories": {name: list(values) for name, values in CATEGORIES.items()},
+        "metrics": metrics,
+        "sha256": checksum,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    if model_dir.exists():
+        for child in model_dir.iterdir():
+            child.unlink()
+        model_dir.rmdir()
+    os.replace(staging, model_dir)
+    return metadata
+
+
+def read_metadata(model_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((model_dir / METADATA_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read {model_dir / METADATA_FILE}: {exc}") from exc
+
+
+def load_artifact(model_dir: Path) -> LoadedModel:
+    """Verify the checksum, then unpickle. Never call this on an untrusted path."""
+    metadata = read_metadata(model_dir)
+    model_path = model_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise ArtifactError(f"model file missing: {model_path}")
+    actual = sha256_of(model_path)
+    if actual != metadata.get("sha256"):
+        raise ArtifactError(
+            f"checksum mismatch for {model_path}: metadata says {metadata.get('sha256')}, "
+            f"file is {actual}; refusing to load"
+        )
+    pipeline = joblib.load(model_path)
+    if list(metadata.get("features", [])) != list(MODEL_COLUMNS):
+        raise ArtifactError("artifact feature list does not match this code's feature schema")
+    return LoadedModel(pipeline=pipeline, metadata=metadata)

@@ -1,0 +1,86 @@
+"""API-key auth: ``Authorization: Bearer <key>``.
+
+Keys come from an environment variable (comma-separated) and/or a secret file (one key a
+line, ``#`` comments allowed). Only their SHA-256 digests are kept in memory; a presented
+key is hashed and compared with every stored digest in constant time, so neither timing
+nor an early exit says how close a guess was. Keys are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from serve_app.config import AuthConfig
+from serve_app.errors import ConfigError, Unauthorized
+
+MIN_KEY_LENGTH = 16
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def read_keys(config: AuthConfig) -> list[str]:
+    """Plain keys from the configured environment variable and secret file."""
+    keys = [k.strip() for k in os.environ.get(config.keys_env, "").split(",") if k.strip()]
+    if config.keys_file:
+        path = Path(config.keys_file)
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+    short = [k for k in keys if len(k) < MIN_KEY_LENGTH]
+    if short:
+        raise ConfigError(f"{len(short)} API key(s) shorter than {MIN_KEY_LENGTH} characters")
+    return keys
+
+
+class KeyChecker:
+    """Holds key digests; answers "is this bearer token one of ours?" in constant time."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self.enabled = config.enabled
+        self._digests = [_digest(key) for key in read_keys(config)] if config.enabled else []
+        if self.enabled and not self._digests:
+            source = f"${config.keys_env}" + (f" or {config.keys_file}" if config.keys_file else "")
+            raise ConfigError(
+                f"auth is enabled but no API key is configured: set {source} "
+                "(create one with `serve-app keygen`), or disable auth in the YAML"
+            )
+
+    def is_valid(self, presented: str | None) -> bool:
+        if not self.enabled:
+            return True
+        if not presented:
+            return False
+        candidate = _digest(presented)
+        matched = False
+        for digest in self._digests:  # no early exit: the time does not depend on the index
+            matched |= hmac.compare_digest(candidate, digest)
+        return matched
+
+    def require(self, token: str | None) -> None:
+        """Raise :class:`Unauthorized` unless ``token`` (the bearer credential) is valid."""
+        if not self.is_valid(token):
+            raise Unauthorized("missing or invalid API key (use 'Authorization: Bearer <key>')")
+
+
+def new_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def write_key_file(path: Path) -> str | None:
+    """Create ``path`` with one new key (mode 0600) unless it exists; return the new key."""
+    if path.exists():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = new_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("# serve_app API keys, one a line\n" + key + "\n")
+    return key

@@ -1,0 +1,96 @@
+"""Build the example feature store and model: ``python -m serve_app.build [config.yaml]``.
+
+``serve run`` calls :func:`ensure_artifacts` from the application builder, so the first
+start on a fresh machine builds what is missing by itself. A file lock makes concurrent
+starts build once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from serve_app.artifact import METADATA_FILE, train, write_artifact
+from serve_app.config import AppConfig
+from serve_app.datagen import generate_entities
+from serve_app.feature_store import write_sqlite_store
+
+logger = logging.getLogger("serve_app.build")
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_path(config: AppConfig) -> Path | None:
+    url = config.store.url
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
+def missing_artifacts(config: AppConfig) -> list[str]:
+    model_dir = Path(config.artifacts.model_dir)
+    missing = [] if (model_dir / METADATA_FILE).is_file() else [str(model_dir)]
+    store = _sqlite_path(config)
+    if store is not None and not store.is_file():
+        missing.append(str(store))
+    return missing
+
+
+def build_artifacts(config: AppConfig, force: bool = False) -> None:
+    """Generate entities, write the SQLite store, train and write the model."""
+    model_dir = Path(config.artifacts.model_dir)
+    with _file_lock(model_dir.parent / ".build.lock"):
+        if not force and not missing_artifacts(config):
+            return
+        started = time.perf_counter()
+        entities = generate_entities(config.artifacts.n_entities, config.artifacts.seed)
+        store = _sqlite_path(config)
+        if store is not None and (force or not store.is_file()):
+            write_sqlite_store(store, entities)
+            logger.info("wrote feature store %s (%d entities)", store, len(entities))
+        if force or not (model_dir / METADATA_FILE).is_file():
+            pipeline, metrics = train(entities, config.artifacts.seed)
+            metadata = write_artifact(model_dir, pipeline, metrics, config.artifacts.seed)
+            logger.info("wrote model %s %s metrics=%s", model_dir, metadata["version"], metrics)
+        logger.info("artifacts built in %.1fs", time.perf_counter() - started)
+
+
+def ensure_artifacts(config: AppConfig) -> None:
+    """Build missing artifacts when the config allows it; otherwise fail clearly."""
+    missing = missing_artifacts(config)
+    if not missing:
+        return
+    if not config.artifacts.build_if_missing:
+        from serve_app.errors import ArtifactError
+
+        raise ArtifactError(f"missing artifacts {missing} and build_if_missing is false")
+    build_artifacts(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from serve_app.app import load_app_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = sys.argv[1:] if argv is None else argv
+    force = "--force" in args
+    paths = [arg for arg in args if not arg.startswith("--")]
+    config_path = Path(paths[0]) if paths else Path("configs/config.yaml")
+    config = load_app_config(config_path).resolved(Path.cwd())
+    build_artifacts(config, force=force)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

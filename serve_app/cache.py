@@ -1,0 +1,131 @@
+"""Caches: a bulk TTL cache with single-flight for feature look-ups, and the prediction cache.
+
+cachetools gives the eviction policies (TTL, LRU); what it does not give is
+*single-flight* for asyncio: when many concurrent requests miss on the same key, only one
+look-up may go to the store and the others must wait for its answer. That part is
+written here because no maintained library does bulk single-flight over asyncio futures.
+Each replica runs one event loop, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
+
+from cachetools import TLRUCache, TTLCache
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+BulkLoader = Callable[[list[K]], Awaitable[dict[K, V]]]
+
+
+class SingleFlightCache(Generic[K, V]):
+    """A TTL cache whose misses are loaded in bulk, once per key however many callers wait.
+
+    ``loader(keys)`` returns a dict of the keys it found; a key it leaves out is cached as
+    absent (negative caching, so a flood of unknown ids does not reach the store). If the
+    loader raises, every waiter gets the exception and nothing is cached.
+    """
+
+    _ABSENT: Any = object()
+
+    def __init__(self, maxsize: int, ttl_s: float, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._cache: TTLCache[K, Any] = TTLCache(maxsize=maxsize, ttl=ttl_s)
+        self._inflight: dict[K, asyncio.Future[Any]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.loads = 0
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    async def get_many(self, keys: Iterable[K], loader: BulkLoader[K, V]) -> dict[K, V]:
+        """Values for ``keys`` (absent keys left out), loading only what is needed."""
+        unique = list(dict.fromkeys(keys))
+        found: dict[K, Any] = {}
+        waiting: dict[K, asyncio.Future[Any]] = {}
+        to_load: list[K] = []
+        for key in unique:
+            if self.enabled and key in self._cache:
+                found[key] = self._cache[key]
+            elif key in self._inflight:
+                waiting[key] = self._inflight[key]
+            else:
+                to_load.append(key)
+        self.hits += len(found)
+        self.misses += len(unique) - len(found)
+        if to_load:
+            found.update(await self._load(to_load, loader))
+        for key, future in waiting.items():
+            found[key] = await asyncio.shield(future)
+        return {key: value for key, value in found.items() if value is not self._ABSENT}
+
+    async def _load(self, keys: list[K], loader: BulkLoader[K, V]) -> dict[K, Any]:
+        loop = asyncio.get_running_loop()
+        futures = {key: loop.create_future() for key in keys}
+        self._inflight.update(futures)
+        self.loads += 1
+        try:
+            loaded = await loader(keys)
+        except BaseException as exc:
+            for future in futures.values():
+                future.set_exception(exc)
+                future.exception()  # mark retrieved: no "never retrieved" warnings
+            raise
+        finally:
+            for key in keys:
+                self._inflight.pop(key, None)
+        results: dict[K, Any] = {}
+        for key, future in futures.items():
+            value = loaded.get(key, self._ABSENT)
+            if self.enabled:
+                self._cache[key] = value
+            future.set_result(value)
+            results[key] = value
+        return results
+
+
+def _ttl_for(ttl_s: float) -> Callable[[Any, Any, float], float]:
+    def expires_at(_key: Any, _value: Any, now: float) -> float:
+        return now + ttl_s
+
+    return expires_at
+
+
+class PredictionCache:
+    """LRU with TTL for finished predictions, keyed by model version, entity and fields.
+
+    Only clean answers are cached: degraded answers and errors are not, so a store outage
+    does not linger in the cache after the store comes back.
+    """
+
+    def __init__(self, maxsize: int, ttl_s: float, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._cache: TLRUCache[Hashable, dict[str, Any]] = TLRUCache(
+            maxsize=maxsize, ttu=_ttl_for(ttl_s)
+        )
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> dict[str, Any] | None:
+        if not self.enabled:
+            return None
+        value = self._cache.get(key)
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def put(self, key: Hashable, value: dict[str, Any]) -> None:
+        if self.enabled and not value.get("degraded") and "error" not in value:
+            self._cache[key] = value
+
+    def get_many(self, keys: Sequence[Hashable]) -> list[dict[str, Any] | None]:
+        return [self.get(key) for key in keys]

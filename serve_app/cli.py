@@ -1,0 +1,58 @@
+"""``serve-app``: small operator commands next to ``serve run``.
+
+* ``serve-app keygen [--file PATH]``: create the API-key file (0600) named in the YAML
+  unless it exists, and print the new key once.
+* ``serve-app build [CONFIG] [--force]``: build the example store and model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from serve_app.app import load_app_config
+from serve_app.auth import write_key_file
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    if args.file:
+        path = Path(args.file)
+    else:
+        configured = load_app_config(Path(args.config)).auth.keys_file
+        if configured is None:
+            print("the config names no keys_file; pass --file", file=sys.stderr)
+            return 2
+        path = Path(configured)
+    key = write_key_file(path)
+    if key is None:
+        print(f"{path} exists; keeping its keys", file=sys.stderr)
+    else:
+        print(f"wrote a new API key to {path} (mode 0600). Use it as:", file=sys.stderr)
+        print(f"  curl -H 'Authorization: Bearer {key}' ...", file=sys.stderr)
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from serve_app.build import main as build_main
+
+    return build_main([args.config, *(["--force"] if args.force else [])])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="serve-app")
+    commands = parser.add_subparsers(dest="command", required=True)
+    keygen = commands.add_parser("keygen", help="create the API-key file if it is missing")
+    keygen.add_argument("--config", default="configs/config.yaml")
+    keygen.add_argument("--file", default=None)
+    keygen.set_defaults(run=_keygen)
+    build = commands.add_parser("build", help="build the example feature store and model")
+    build.add_argument("config", nargs="?", default="configs/config.yaml")
+    build.add_argument("--force", action="store_true")
+    build.set_defaults(run=_build)
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""The exception hierarchy, modelled on httpx's: catch broad or narrow as you need.
+
+::
+
+    ServeAppError
+    ├── ArtifactError           the model artifact is missing or fails verification
+    ├── ConfigError             the YAML or the environment is unusable (start-up only)
+    ├── ClientError             the caller's mistake -> 4xx (400 for MalformedJson)
+    │   ├── UnsupportedMediaType 415
+    │   ├── InvalidInput        422
+    │   ├── PayloadTooLarge     413
+    │   ├── Unauthorized        401
+    │   └── NotFound            404 (UnknownEntity is a NotFound)
+    └── ServiceError            ours or a dependency's -> 5xx, with Retry-After
+        ├── StoreUnavailable    503, the feature store failed and fallback is off
+        └── Overloaded          503, a deployment is saturated or timed out
+
+Every error has a stable machine-readable ``code``; the ingress turns any of them into
+``{"error": {"code", "message", "details"}}`` with the right status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServeAppError(Exception):
+    code = "internal_error"
+    status_code = 500
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            body["details"] = self.details
+        return body
+
+
+class ArtifactError(ServeAppError):
+    code = "artifact_error"
+
+
+class ConfigError(ServeAppError):
+    code = "config_error"
+
+
+class ClientError(ServeAppError):
+    status_code = 400
+    code = "bad_request"
+
+
+class MalformedJson(ClientError):
+    code = "malformed_json"
+
+
+class UnsupportedMediaType(ClientError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class InvalidInput(ClientError):
+    status_code = 422
+    code = "invalid_input"
+
+
+class PayloadTooLarge(ClientError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class Unauthorized(ClientError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class NotFound(ClientError):
+    status_code = 404
+    code = "not_found"
+
+
+class UnknownEntity(NotFound):
+    code = "unknown_entity"
+
+
+class ServiceError(ServeAppError):
+    status_code = 503
+    code = "service_unavailable"
+    retry_after_s = 1
+
+
+class StoreUnavailable(ServiceError):
+    code = "store_unavailable"
+
+
+class Overloaded(ServiceError):
+    code = "overloaded"

@@ -1,0 +1,77 @@
+"""The feature schema and the vectorised pre-processing from rows to a model frame.
+
+Entity features come from the feature store; request-time features come with the request.
+Both are turned into one pandas DataFrame per batch with fixed column order and dtypes,
+so ``predict_proba`` is called once per batch on a well-typed frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ENTITY_NUMERIC: tuple[str, ...] = (
+    "age",
+    "tenure_months",
+    "income",
+    "purchases_30d",
+    "avg_basket",
+    "days_since_last",
+    "credit_score",
+    "returns_ratio",
+    "support_tickets",
+)
+ENTITY_CATEGORICAL: tuple[str, ...] = ("region", "segment", "device")
+ENTITY_FEATURES: tuple[str, ...] = ENTITY_NUMERIC + ENTITY_CATEGORICAL
+
+REQUEST_NUMERIC: tuple[str, ...] = ("amount", "hour")
+REQUEST_CATEGORICAL: tuple[str, ...] = ("channel",)
+REQUEST_FEATURES: tuple[str, ...] = REQUEST_NUMERIC + REQUEST_CATEGORICAL
+
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "region": ("north", "south", "east", "west"),
+    "segment": ("bronze", "silver", "gold", "platinum"),
+    "device": ("ios", "android", "web"),
+    "channel": ("web", "app", "store"),
+}
+
+NUMERIC_FEATURES: tuple[str, ...] = ENTITY_NUMERIC + REQUEST_NUMERIC
+CATEGORICAL_FEATURES: tuple[str, ...] = ENTITY_CATEGORICAL + REQUEST_CATEGORICAL
+MODEL_COLUMNS: tuple[str, ...] = CATEGORICAL_FEATURES + NUMERIC_FEATURES
+
+
+def feature_types() -> dict[str, str]:
+    """Name -> type, recorded in the model artifact's metadata."""
+    types = {name: "numeric" for name in NUMERIC_FEATURES}
+    types.update({name: "categorical" for name in CATEGORICAL_FEATURES})
+    return types
+
+
+def build_frame(
+    entity_rows: Sequence[Mapping[str, Any] | None],
+    request_rows: Sequence[Mapping[str, Any]],
+) -> pd.DataFrame:
+    """Build the model input frame for a batch, column by column.
+
+    ``entity_rows[i]`` is the stored feature row of item ``i`` (``None`` means "no stored
+    features", e.g. a degraded fallback: every entity feature becomes missing, which the
+    model handles natively). ``request_rows[i]`` holds its request-time fields; absent
+    ones are missing too. Unknown category values become missing rather than errors:
+    validation of request fields happens at the edge, and stored values are trusted.
+    """
+    if len(entity_rows) != len(request_rows):
+        raise ValueError("entity_rows and request_rows must have the same length")
+    columns: dict[str, Any] = {}
+    for name in ENTITY_FEATURES:
+        columns[name] = [None if row is None else row.get(name) for row in entity_rows]
+    for name in REQUEST_FEATURES:
+        columns[name] = [row.get(name) for row in request_rows]
+    frame = pd.DataFrame(columns, columns=list(MODEL_COLUMNS))
+    for name in NUMERIC_FEATURES:
+        frame[name] = pd.to_numeric(frame[name], errors="coerce").astype(np.float64)
+    for name in CATEGORICAL_FEATURES:
+        frame[name] = frame[name].astype(object).where(frame[name].isin(CATEGORIES[name]), np.nan)
+    return frame

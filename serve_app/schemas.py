@@ -1,0 +1,111 @@
+"""Request and response bodies. Validation at the edge, so the inside can trust its inputs.
+
+Unknown keys are refused (``extra="forbid"``): a misspelt field is a 422 that names it,
+not a silently ignored value and a wrong score.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+
+EntityId = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RequestContext(_Body):
+    """Request-time features sent by the caller; each optional (missing is allowed)."""
+
+    amount: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)] | None = None
+    hour: Annotated[int, Field(ge=0, le=23)] | None = None
+    channel: Literal["web", "app", "store"] | None = None
+
+
+class PredictRequest(_Body):
+    """Score one entity."""
+
+    entity_id: EntityId
+    context: RequestContext = RequestContext()
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"entity_id": "E0000042", "context": {"amount": 59.9, "channel": "web"}}]
+        },
+    )
+
+    def cache_key(self) -> tuple[Any, ...]:
+        """Identity of the work: equal keys are computed once and cached together."""
+        ctx = self.context
+        return (self.entity_id, ctx.amount, ctx.hour, ctx.channel)
+
+    def to_item(self) -> dict[str, Any]:
+        """The plain dict sent across the hop to the Model deployment."""
+        return {"entity_id": self.entity_id, "context": self.context.model_dump()}
+
+
+PREDICT_REQUEST = TypeAdapter(PredictRequest)
+
+
+class PredictResponse(BaseModel):
+    entity_id: str
+    score: float = Field(description="Probability of the positive class.")
+    model_version: str
+    cached: bool = Field(description="Served from the prediction cache.")
+    degraded: bool = Field(description="Stored features were unavailable; defaults used.")
+
+
+class BatchRequest(_Body):
+    """Score many entities. Items are validated one by one: a bad item fails alone."""
+
+    items: list[Any] = Field(
+        description="Each item has the shape of a /v1/predict body.",
+        examples=[[{"entity_id": "E0000001"}, {"entity_id": "E0000002", "context": {"hour": 9}}]],
+    )
+
+
+class ItemError(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class BatchItemResult(BaseModel):
+    index: int
+    ok: bool
+    entity_id: str | None = None
+    score: float | None = None
+    cached: bool | None = None
+    degraded: bool | None = None
+    error: ItemError | None = None
+
+
+class BatchSummary(BaseModel):
+    items: int
+    unique: int = Field(description="Distinct valid items; duplicates are computed once.")
+    succeeded: int
+    failed: int
+    cached: int
+
+
+class BatchResponse(BaseModel):
+    model_version: str | None
+    results: list[BatchItemResult]
+    summary: BatchSummary
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+    request_id: str | None = None

@@ -1,0 +1,109 @@
+import asyncio
+
+import pytest
+
+from serve_app.cache import PredictionCache, SingleFlightCache
+
+
+class CountingLoader:
+    def __init__(self, known: set[str], delay: float = 0.01) -> None:
+        self.known = known
+        self.delay = delay
+        self.calls: list[list[str]] = []
+
+    async def __call__(self, keys: list[str]) -> dict[str, str]:
+        self.calls.append(list(keys))
+        await asyncio.sleep(self.delay)
+        return {k: k.upper() for k in keys if k in self.known}
+
+
+def test_concurrent_misses_for_one_key_cost_one_load() -> None:
+    async def scenario() -> tuple[CountingLoader, list[dict[str, str]]]:
+        cache: SingleFlightCache[str, str] = SingleFlightCache(100, ttl_s=60)
+        loader = CountingLoader({"a", "b"})
+        results = await asyncio.gather(*(cache.get_many(["a", "b"], loader) for _ in range(20)))
+        return loader, results
+
+    loader, results = asyncio.run(scenario())
+    assert loader.calls == [["a", "b"]]
+    assert all(r == {"a": "A", "b": "B"} for r in results)
+
+
+def test_hits_do_not_load_and_absent_keys_are_negatively_cached() -> None:
+    async def scenario() -> CountingLoader:
+        cache: SingleFlightCache[str, str] = SingleFlightCache(100, ttl_s=60)
+        loader = CountingLoader({"a"})
+        assert await cache.get_many(["a", "zz"], loader) == {"a": "A"}
+        assert await cache.get_many(["a", "zz", "b"], loader) == {"a": "A"}
+        return loader
+
+    loader = asyncio.run(scenario())
+    assert loader.calls == [["a", "zz"], ["b"]]
+
+
+def test_ttl_expiry_reloads() -> None:
+    async def scenario() -> CountingLoader:
+        cache: SingleFlightCache[str, str] = SingleFlightCache(100, ttl_s=0.05)
+        loader = CountingLoader({"a"}, delay=0)
+        await cache.get_many(["a"], loader)
+        await asyncio.sleep(0.1)
+        await cache.get_many(["a"], loader)
+        return loader
+
+    assert len(asyncio.run(scenario()).calls) == 2
+
+
+def test_loader_failure_reaches_every_waiter_and_is_not_cached() -> None:
+    calls = 0
+
+    async def failing(keys: list[str]) -> dict[str, str]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        raise RuntimeError("store down")
+
+    async def scenario() -> list[object]:
+        cache: SingleFlightCache[str, str] = SingleFlightCache(100, ttl_s=60)
+        outcomes = await asyncio.gather(
+            *(cache.get_many(["a"], failing) for _ in range(5)), return_exceptions=True
+        )
+        with pytest.raises(RuntimeError):
+            await cache.get_many(["a"], failing)
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    assert calls == 2  # one for the five concurrent callers, one for the retry
+
+
+def test_disabled_cache_still_single_flights_but_keeps_nothing() -> None:
+    async def scenario() -> CountingLoader:
+        cache: SingleFlightCache[str, str] = SingleFlightCache(100, ttl_s=60, enabled=False)
+        loader = CountingLoader({"a"})
+        await asyncio.gather(cache.get_many(["a"], loader), cache.get_many(["a"], loader))
+        await cache.get_many(["a"], loader)
+        return loader
+
+    assert len(asyncio.run(scenario()).calls) == 2
+
+
+def test_prediction_cache_skips_degraded_and_errors_and_expires() -> None:
+    cache = PredictionCache(maxsize=10, ttl_s=0.05)
+    cache.put("ok", {"score": 0.5, "degraded": False})
+    cache.put("degraded", {"score": 0.5, "degraded": True})
+    cache.put("error", {"error": {"code": "x"}})
+    assert cache.get("ok") == {"score": 0.5, "degraded": False}
+    assert cache.get("degraded") is None and cache.get("error") is None
+    import time
+
+    time.sleep(0.1)
+    assert cache.get("ok") is None
+
+
+def test_prediction_cache_is_lru_bounded() -> None:
+    cache = PredictionCache(maxsize=2, ttl_s=60)
+    cache.put("a", {"score": 1})
+    cache.put("b", {"score": 2})
+    cache.get("a")
+    cache.put("c", {"score": 3})
+    assert cache.get("b") is None and cache.get("a") is not None

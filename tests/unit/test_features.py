@@ -1,0 +1,53 @@
+import math
+
+import pandas as pd
+
+from serve_app.datagen import generate_entities, generate_training_events
+from serve_app.features import (
+    CATEGORICAL_FEATURES,
+    ENTITY_FEATURES,
+    MODEL_COLUMNS,
+    NUMERIC_FEATURES,
+    build_frame,
+)
+
+
+def test_generator_is_deterministic_and_has_missing_values() -> None:
+    first = generate_entities(1_000, seed=3)
+    second = generate_entities(1_000, seed=3)
+    pd.testing.assert_frame_equal(first, second)
+    assert list(first.columns) == list(ENTITY_FEATURES)
+    assert first.index[0] == "E0000000" and first.index.is_unique
+    assert first["income"].isna().any() and first["region"].isna().any()
+    assert not generate_entities(1_000, seed=4).equals(first)
+
+
+def test_labels_depend_on_features() -> None:
+    entities = generate_entities(5_000, seed=1)
+    events, labels = generate_training_events(entities, 20_000, seed=1)
+    assert 0.05 < labels.mean() < 0.6
+    # returns_ratio enters the hidden rule with a positive weight
+    high = labels[events["returns_ratio"] > events["returns_ratio"].quantile(0.8)].mean()
+    low = labels[events["returns_ratio"] < events["returns_ratio"].quantile(0.2)].mean()
+    assert high > low
+
+
+def test_build_frame_types_order_and_missing() -> None:
+    rows = [
+        {"age": 30, "region": "north", "segment": "gold", "device": "ios", "income": None},
+        None,  # degraded: no stored features
+    ]
+    contexts = [{"amount": 12.5, "channel": "web", "hour": 3}, {}]
+    frame = build_frame(rows, contexts)
+    assert list(frame.columns) == list(MODEL_COLUMNS)
+    assert all(frame[name].dtype == "float64" for name in NUMERIC_FEATURES)
+    assert frame.loc[0, "age"] == 30 and frame.loc[0, "amount"] == 12.5
+    assert math.isnan(frame.loc[0, "income"])
+    assert frame.loc[1, CATEGORICAL_FEATURES].isna().all()
+    assert frame.loc[1, list(NUMERIC_FEATURES)].isna().all()
+
+
+def test_build_frame_turns_unknown_categories_into_missing() -> None:
+    frame = build_frame([{"region": "mars", "segment": "gold"}], [{"channel": "fax"}])
+    assert pd.isna(frame.loc[0, "region"]) and pd.isna(frame.loc[0, "channel"])
+    assert frame.loc[0, "segment"] == "gold"
