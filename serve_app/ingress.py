@@ -10,7 +10,7 @@ Concurrent single predictions are coalesced here with ``@serve.batch`` and cross
 to the Model as one list; a batch request crosses it as one list of its unique misses.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI must see real types on routes.
 
 import asyncio
 import logging
@@ -96,6 +96,24 @@ def parse_item(raw: Any) -> PredictRequest:
         return PREDICT_REQUEST.validate_python(raw)
     except ValidationError as exc:
         raise InvalidInput("item is not valid", validation_details(exc)) from exc
+
+
+def _batch_result(
+    index: int, item: PredictRequest | InvalidInput, answers: dict[tuple[Any, ...], dict[str, Any]]
+) -> dict[str, Any]:
+    if isinstance(item, InvalidInput):
+        return {"index": index, "ok": False, "error": item.to_dict()}
+    answer = answers[item.cache_key()]
+    if "error" in answer:
+        return {"index": index, "ok": False, "entity_id": item.entity_id, "error": answer["error"]}
+    return {
+        "index": index,
+        "ok": True,
+        "entity_id": item.entity_id,
+        "score": answer["score"],
+        "cached": answer["cached"],
+        "degraded": answer["degraded"],
+    }
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25})
@@ -284,21 +302,3 @@ class Ingress:
             "model": model_stats,
             "fetcher": fetcher_stats,
         }
-
-
-def _batch_result(
-    index: int, item: PredictRequest | InvalidInput, answers: dict[tuple[Any, ...], dict[str, Any]]
-) -> dict[str, Any]:
-    if isinstance(item, InvalidInput):
-        return {"index": index, "ok": False, "error": item.to_dict()}
-    answer = answers[item.cache_key()]
-    if "error" in answer:
-        return {"index": index, "ok": False, "entity_id": item.entity_id, "error": answer["error"]}
-    return {
-        "index": index,
-        "ok": True,
-        "entity_id": item.entity_id,
-        "score": answer["score"],
-        "cached": answer["cached"],
-        "degraded": answer["degraded"],
-    }

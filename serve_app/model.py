@@ -10,6 +10,7 @@ fails its batch-mates.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -151,4 +152,12 @@ class Model:
         return self._model.metadata
 
     def stats(self) -> dict[str, Any]:
-        return {"threads": self._threads, **self._stats.snapshot()}
+        """Batch counters plus the live batching settings and which replica answered."""
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "pid": os.getpid(),
+            "threads": self._threads,
+            "max_batch_size": self._score_batched._get_max_batch_size(),
+            "batch_wait_timeout_s": self._score_batched._get_batch_wait_timeout_s(),
+            **self._stats.snapshot(),
+        }

@@ -20,7 +20,11 @@ def test_keys_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert read_keys(config) == [KEY_A, KEY_B]
     checker = KeyChecker(config)
     assert checker.is_valid(KEY_A) and checker.is_valid(KEY_B)
-    assert not checker.is_valid(KEY_A + "x") and not checker.is_valid("") and not checker.is_valid(None)
+    assert (
+        not checker.is_valid(KEY_A + "x")
+        and not checker.is_valid("")
+        and not checker.is_valid(None)
+    )
 
 
 def test_only_digests_are_held(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,228 @@
+"""Every endpoint over real HTTP on 127.0.0.1, against the app deployed from the YAML."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.integration.conftest import ServeApp
+
+pytestmark = pytest.mark.integration
+
+DATA_ROUTES = [
+    ("POST", "/v1/predict", {"entity_id": "E0000001"}),
+    ("POST", "/v1/predict/batch", {"items": [{"entity_id": "E0000001"}]}),
+    ("GET", "/v1/model", None),
+    ("GET", "/v1/stats", None),
+]
+
+
+def error_code(response: httpx.Response) -> str:
+    body = response.json()
+    assert set(body) == {"error", "request_id"}, body
+    assert body["error"]["message"]
+    return str(body["error"]["code"])
+
+
+def test_health_endpoints_are_open(serve_app: ServeApp) -> None:
+    assert httpx.get(f"{serve_app.base_url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{serve_app.base_url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["model_loaded"] and ready.json()["store_reachable"]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), DATA_ROUTES)
+@pytest.mark.parametrize("header", [None, "Bearer wrong-key-wrong-key", "Basic dXNlcjpwYXNz"])
+def test_data_endpoints_need_a_valid_key(
+    serve_app: ServeApp, method: str, path: str, body: object, header: str | None
+) -> None:
+    headers = {"Authorization": header} if header else {}
+    response = httpx.request(method, serve_app.base_url + path, json=body, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert error_code(response) == "unauthorized"
+
+
+def test_model_metadata(serve_app: ServeApp) -> None:
+    meta = serve_app.client.get("/v1/model").json()
+    assert meta["version"] and len(meta["sha256"]) == 64
+    assert "region" in meta["features"] and meta["metrics"]["roc_auc"] > 0.6
+
+
+def test_predict_then_cached(serve_app: ServeApp) -> None:
+    body = {"entity_id": "E0000042", "context": {"amount": 59.9, "channel": "web", "hour": 14}}
+    first = serve_app.client.post("/v1/predict", json=body)
+    assert first.status_code == 200, first.text
+    answer = first.json()
+    assert 0.0 <= answer["score"] <= 1.0
+    assert answer["cached"] is False and answer["degraded"] is False
+    assert answer["model_version"] == serve_app.client.get("/v1/model").json()["version"]
+    second = serve_app.client.post("/v1/predict", json=body).json()
+    assert second["cached"] is True and second["score"] == answer["score"]
+    other = serve_app.client.post("/v1/predict", json={**body, "context": {"amount": 1.0}})
+    assert other.json()["cached"] is False  # context is part of the cache key
+    assert first.headers["x-request-id"]
+
+
+def test_unknown_entity_is_404(serve_app: ServeApp) -> None:
+    response = serve_app.client.post("/v1/predict", json={"entity_id": "E9999999"})
+    assert response.status_code == 404
+    assert error_code(response) == "unknown_entity"
+
+
+BAD_SINGLE = [
+    ("malformed json", b'{"entity_id": ', 400, "malformed_json"),
+    ("not json at all", b"entity_id=E1", 400, "malformed_json"),
+    ("empty body", b"", 422, "invalid_input"),
+    ("missing field", b"{}", 422, "invalid_input"),
+    ("wrong type", b'{"entity_id": 42}', 422, "invalid_input"),
+    ("bad id", b'{"entity_id": "../etc/passwd"}', 422, "invalid_input"),
+    ("unknown field", b'{"entity_id": "E1", "amount": 3}', 422, "invalid_input"),
+    ("bad context", b'{"entity_id": "E1", "context": {"hour": 99}}', 422, "invalid_input"),
+    ("array body", b'["E1"]', 422, "invalid_input"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "status", "code"), BAD_SINGLE, ids=[b[0] for b in BAD_SINGLE]
+)
+def test_bad_single_inputs_get_clear_4xx(
+    serve_app: ServeApp, name: str, raw: bytes, status: int, code: str
+) -> None:
+    response = serve_app.client.post(
+        "/v1/predict", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == status, response.text
+    assert error_code(response) == code
+
+
+def test_wrong_content_type_is_415(serve_app: ServeApp) -> None:
+    response = serve_app.client.post(
+        "/v1/predict", content=b"entity_id=E1", headers={"Content-Type": "text/plain"}
+    )
+    assert response.status_code == 415
+    assert error_code(response) == "unsupported_media_type"
+
+
+def test_oversized_body_is_413(serve_app: ServeApp) -> None:
+    limit = serve_app.config["applications"][0]["args"]["limits"]["max_body_bytes"]
+    raw = json.dumps({"items": [{"entity_id": "E0000001"}] * (limit // 20)}).encode()
+    assert len(raw) > limit
+    response = serve_app.client.post(
+        "/v1/predict/batch", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert error_code(response) == "payload_too_large"
+
+
+def test_oversized_chunked_body_is_413(serve_app: ServeApp) -> None:
+    """No Content-Length to trust: the limit is enforced while streaming."""
+    limit = serve_app.config["applications"][0]["args"]["limits"]["max_body_bytes"]
+
+    def chunks():  # a generator body is sent with Transfer-Encoding: chunked
+        yield b'{"items": ['
+        for _ in range(limit // 1000 + 2):
+            yield b'{"entity_id": "E0000001"},' * 40
+        yield b'{"entity_id": "E0000001"}]}'
+
+    response = serve_app.client.post(
+        "/v1/predict/batch", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert error_code(response) == "payload_too_large"
+
+
+def test_unknown_route_and_method_are_json_4xx(serve_app: ServeApp) -> None:
+    assert error_code(serve_app.client.get("/v1/nothing-here")) == "not_found"
+    response = serve_app.client.get("/v1/predict")
+    assert response.status_code == 405
+    assert error_code(response) == "method_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"items": []}, "invalid_input"),
+        ({"items": "E1"}, "invalid_input"),
+        ({"entries": [{"entity_id": "E1"}]}, "invalid_input"),
+        ([{"entity_id": "E1"}], "invalid_input"),
+    ],
+)
+def test_bad_batch_bodies_get_422(serve_app: ServeApp, body: object, code: str) -> None:
+    response = serve_app.client.post("/v1/predict/batch", json=body)
+    assert response.status_code == 422, response.text
+    assert error_code(response) == code
+
+
+def test_too_many_items_is_422_with_the_limit(serve_app: ServeApp) -> None:
+    limit = serve_app.config["applications"][0]["args"]["limits"]["max_batch_items"]
+    items = [{"entity_id": f"E{i:07d}"} for i in range(limit + 1)]
+    response = serve_app.client.post("/v1/predict/batch", json={"items": items})
+    assert response.status_code == 422
+    assert response.json()["error"]["details"][0] == {"type": "too_many_items", "limit": limit}
+
+
+def test_batch_keeps_order_and_bad_items_fail_alone(serve_app: ServeApp) -> None:
+    items = [
+        {"entity_id": "E0000100"},
+        {"entity_id": 7},  # wrong type
+        {"entity_id": "E0000101", "context": {"channel": "app"}},
+        {"entity_id": "E9999998"},  # unknown
+        "not an object",
+        {"entity_id": "E0000100"},  # duplicate of item 0
+    ]
+    response = serve_app.client.post("/v1/predict/batch", json={"items": items})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    results = body["results"]
+    assert [r["index"] for r in results] == list(range(len(items)))
+    assert [r["ok"] for r in results] == [True, False, True, False, False, True]
+    assert results[1]["error"]["code"] == "invalid_input"
+    assert results[3]["error"]["code"] == "unknown_entity"
+    assert results[4]["error"]["code"] == "invalid_input"
+    assert results[0]["entity_id"] == "E0000100" and results[2]["entity_id"] == "E0000101"
+    assert results[0]["score"] == results[5]["score"]
+    assert body["summary"] == {
+        "items": 6,
+        "unique": 3,
+        "succeeded": 3,
+        "failed": 3,
+        "cached": 0,
+    }
+    single = serve_app.client.post("/v1/predict", json=items[2]).json()
+    assert single["score"] == results[2]["score"] and single["cached"] is True
+
+
+def test_batch_duplicates_are_computed_once(serve_app: ServeApp) -> None:
+    fresh = [f"E00{i:05d}" for i in range(50_000, 50_010)]
+    items = [{"entity_id": entity} for entity in fresh] * 5  # 50 items, 10 distinct
+    before = serve_app.stats()["model"]
+    body = serve_app.client.post("/v1/predict/batch", json={"items": items}).json()
+    after = serve_app.stats()["model"]
+    assert body["summary"]["unique"] == 10 and body["summary"]["succeeded"] == 50
+    assert after["replica"] == before["replica"]  # one Model replica under this light load
+    assert after["items"] - before["items"] == 10  # the model saw each distinct item once
+    scores = {r["entity_id"]: r["score"] for r in body["results"]}
+    assert all(r["score"] == scores[r["entity_id"]] for r in body["results"])
+
+
+def test_concurrent_single_predictions_are_batched(serve_app: ServeApp) -> None:
+    before = serve_app.stats()["model"]
+    entities = [f"E00{i:05d}" for i in range(60_000, 60_064)]
+
+    def call(entity: str) -> int:
+        with httpx.Client(base_url=serve_app.base_url, headers=serve_app.auth, timeout=30) as c:
+            return c.post("/v1/predict", json={"entity_id": entity}).status_code
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        statuses = list(pool.map(call, entities))
+    after = serve_app.stats()["model"]
+    assert statuses == [200] * len(entities)
+    new_batches = after["batches"] - before["batches"]
+    new_items = after["items"] - before["items"]
+    assert new_items == len(entities)
+    assert new_batches < len(entities)  # items shared batches
+    assert max(after["recent_batch_items"][-new_batches:]) > 1

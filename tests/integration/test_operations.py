@@ -1,0 +1,73 @@
+"""Operations on the running app: a store outage, and a live user_config change."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.conftest import APP_NAME, ServeApp
+
+pytestmark = pytest.mark.integration
+
+
+def test_store_outage_gives_degraded_answers_then_recovers(serve_app: ServeApp) -> None:
+    store = serve_app.store_path
+    hidden = store.with_suffix(".away")
+    store.rename(hidden)  # the SQLite store disappears: every look-up now fails
+    try:
+        single = serve_app.client.post("/v1/predict", json={"entity_id": "E0070000"})
+        assert single.status_code == 200, single.text
+        assert single.json()["degraded"] is True
+        batch = serve_app.client.post(
+            "/v1/predict/batch",
+            json={"items": [{"entity_id": "E0070001"}, {"entity_id": "E0070002"}]},
+        ).json()
+        assert all(r["ok"] and r["degraded"] for r in batch["results"])
+        ready = httpx.get(f"{serve_app.base_url}/readyz")
+        assert ready.status_code == 503 and ready.json()["store_reachable"] is False
+        assert ready.headers["Retry-After"]
+        # degraded answers are not cached: they must not outlive the outage
+        again = serve_app.client.post("/v1/predict", json={"entity_id": "E0070000"}).json()
+        assert again["cached"] is False
+    finally:
+        hidden.rename(store)
+    recovered = serve_app.client.post("/v1/predict", json={"entity_id": "E0070000"}).json()
+    assert recovered["degraded"] is False and recovered["cached"] is False
+    assert httpx.get(f"{serve_app.base_url}/readyz").status_code == 200
+
+
+def _set_model_tuning(max_batch_size: int, wait_s: float) -> Any:
+    def mutate(config: dict[str, Any]) -> None:
+        for deployment in config["applications"][0]["deployments"]:
+            if deployment["name"] == "Model":
+                deployment["user_config"] = {
+                    "max_batch_size": max_batch_size,
+                    "batch_wait_timeout_s": wait_s,
+                }
+
+    return mutate
+
+
+def test_user_config_change_applies_without_restart(serve_app: ServeApp) -> None:
+    before = serve_app.stats()["model"]
+    assert before["max_batch_size"] == 64
+    serve_app.redeploy(_set_model_tuning(16, 0.002))
+    try:
+        deadline = time.monotonic() + 30
+        after = serve_app.stats()["model"]
+        while after["max_batch_size"] != 16 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            after = serve_app.stats()["model"]
+        assert after["max_batch_size"] == 16 and after["batch_wait_timeout_s"] == 0.002
+        assert (after["replica"], after["pid"]) == (before["replica"], before["pid"])
+        assert after["batches"] >= before["batches"]  # counters survived: same process
+        response = serve_app.client.post("/v1/predict", json={"entity_id": "E0080000"})
+        assert response.status_code == 200
+    finally:
+        serve_app.redeploy(_set_model_tuning(64, 0.005))
+    from ray import serve
+
+    assert serve.status().applications[APP_NAME].status == "RUNNING"
