@@ -18,6 +18,7 @@ from serve_app.config import AppConfig
 from serve_app.errors import ConfigError
 from serve_app.fetcher import FeatureFetcher
 from serve_app.ingress import Ingress
+from serve_app.job_worker import JobWorker
 from serve_app.model import Model
 
 
@@ -27,7 +28,8 @@ def build_app(args: dict[str, Any]) -> Application:
     ensure_artifacts(config)
     fetcher = FeatureFetcher.bind(config.store.model_dump())
     model = Model.bind(config.artifacts.model_dir, fetcher)
-    return Ingress.bind(model, fetcher, config.model_dump())
+    worker = JobWorker.bind(model, config.jobs.model_dump()) if config.jobs.enabled else None
+    return Ingress.bind(model, fetcher, config.model_dump(), worker)
 
 
 def load_app_config(path: Path, app_name: str | None = None) -> AppConfig:

@@ -64,23 +64,34 @@ class KeyChecker:
             matched |= hmac.compare_digest(candidate, digest)
         return matched
 
-    def require(self, token: str | None) -> None:
-        """Raise :class:`Unauthorized` unless ``token`` (the bearer credential) is valid."""
+    def require(self, token: str | None) -> str:
+        """The caller's identity (a digest of its key), or :class:`Unauthorized`.
+
+        The identity owns jobs: only the key that created a job may read it.
+        """
         if not self.is_valid(token):
             raise Unauthorized("missing or invalid API key (use 'Authorization: Bearer <key>')")
+        return _digest(token).hex()[:32] if self.enabled and token else "anonymous"
 
 
 def new_key() -> str:
     return secrets.token_urlsafe(32)
 
 
-def write_key_file(path: Path) -> str | None:
-    """Create ``path`` with one new key (mode 0600) unless it exists; return the new key."""
+def write_secret_file(path: Path, content: str) -> bool:
+    """Create ``path`` readable by its owner only (0600) unless it exists."""
     if path.exists():
-        return None
+        return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = new_key()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write("# serve_app API keys, one a line\n" + key + "\n")
+        handle.write(content)
+    return True
+
+
+def write_key_file(path: Path) -> str | None:
+    """Create ``path`` with one new key unless it exists; return the new key."""
+    key = new_key()
+    if not write_secret_file(path, "# serve_app API keys, one a line\n" + key + "\n"):
+        return None
     return key

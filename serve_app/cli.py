@@ -12,24 +12,26 @@ import sys
 from pathlib import Path
 
 from serve_app.app import load_app_config
-from serve_app.auth import write_key_file
+from serve_app.auth import write_key_file, write_secret_file
+from serve_app.webhooks import new_secret
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    if args.file:
-        path = Path(args.file)
-    else:
-        configured = load_app_config(Path(args.config)).auth.keys_file
-        if configured is None:
-            print("the config names no keys_file; pass --file", file=sys.stderr)
-            return 2
-        path = Path(configured)
+    config = load_app_config(Path(args.config))
+    path = Path(args.file) if args.file else None
+    path = path or (Path(config.auth.keys_file) if config.auth.keys_file else None)
+    if path is None:
+        print("the config names no auth.keys_file; pass --file", file=sys.stderr)
+        return 2
     key = write_key_file(path)
     if key is None:
         print(f"{path} exists; keeping its keys", file=sys.stderr)
     else:
         print(f"wrote a new API key to {path} (mode 0600). Use it as:", file=sys.stderr)
         print(f"  curl -H 'Authorization: Bearer {key}' ...", file=sys.stderr)
+    secret_file = config.jobs.webhooks.secret_file
+    if secret_file and write_secret_file(Path(secret_file), new_secret()):
+        print(f"wrote a new webhook signing secret to {secret_file} (mode 0600)", file=sys.stderr)
     return 0
 
 

@@ -71,6 +71,35 @@ class LimitsConfig(_Strict):
     request_timeout_s: float = Field(10.0, gt=0)
 
 
+class WebhookConfig(_Strict):
+    """Signed completion webhooks (Standard Webhooks), their retries and URL policy."""
+
+    secret_env: str = "SERVE_APP_WEBHOOK_SECRET"
+    secret_file: str | None = ".secrets/webhook_secret"
+    # Hosts (names, IPs or CIDRs) allowed even though they are loopback/private.
+    allowed_hosts: tuple[str, ...] = ()
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    max_attempts: int = Field(8, ge=1, le=50)
+    backoff_initial_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0)
+
+
+class JobsConfig(_Strict):
+    """Queued predictions: the durable queue and how workers run jobs."""
+
+    enabled: bool = True
+    queue_url: str = "sqlite:///var/jobs.db"
+    max_items: int = Field(100_000, ge=1)
+    max_body_bytes: int = Field(16_000_000, ge=1_024)
+    chunk_size: int = Field(500, ge=1, le=10_000)
+    lease_s: float = Field(30.0, gt=0)
+    max_claims: int = Field(5, ge=1)
+    poll_interval_s: float = Field(0.2, gt=0)
+    result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
+    results_page_max: int = Field(1_000, ge=1)
+    webhooks: WebhookConfig = WebhookConfig()
+
+
 class AppConfig(_Strict):
     """The application's ``args`` in the Serve YAML."""
 
@@ -79,6 +108,7 @@ class AppConfig(_Strict):
     auth: AuthConfig = AuthConfig()
     prediction_cache: PredictionCacheConfig = PredictionCacheConfig()
     limits: LimitsConfig = LimitsConfig()
+    jobs: JobsConfig = JobsConfig()
 
     def resolved(self, base: Path) -> AppConfig:
         """Return a copy with relative paths made absolute against ``base``.
@@ -93,11 +123,19 @@ class AppConfig(_Strict):
         keys_file = self.auth.keys_file
         if keys_file is not None:
             keys_file = str((base / keys_file).resolve())
+        queue_url = self.jobs.queue_url
+        if queue_url.startswith("sqlite:///"):
+            queue_url = "sqlite:///" + str((base / queue_url.removeprefix("sqlite:///")).resolve())
+        secret_file = self.jobs.webhooks.secret_file
+        if secret_file is not None:
+            secret_file = str((base / secret_file).resolve())
+        webhooks = self.jobs.webhooks.model_copy(update={"secret_file": secret_file})
         return self.model_copy(
             update={
                 "artifacts": self.artifacts.model_copy(update={"model_dir": model_dir}),
                 "store": self.store.model_copy(update={"url": url}),
                 "auth": self.auth.model_copy(update={"keys_file": keys_file}),
+                "jobs": self.jobs.model_copy(update={"queue_url": queue_url, "webhooks": webhooks}),
             }
         )
 
@@ -118,6 +156,12 @@ class IngressTuning(_Strict):
 
     coalesce_max_batch_size: int = Field(64, ge=1, le=4_096)
     coalesce_wait_s: float = Field(0.003, ge=0, le=1)
+
+
+class JobWorkerTuning(_Strict):
+    """``user_config`` of the JobWorker: how many jobs one replica runs at once."""
+
+    concurrent_jobs: int = Field(2, ge=1, le=64)
 
 
 class FetcherTuning(_Strict):

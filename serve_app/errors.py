@@ -10,7 +10,8 @@
     │   ├── InvalidInput        422
     │   ├── PayloadTooLarge     413
     │   ├── Unauthorized        401
-    │   └── NotFound            404 (UnknownEntity is a NotFound)
+    │   ├── NotFound            404 (UnknownEntity is a NotFound)
+    │   └── Conflict            409
     └── ServiceError            ours or a dependency's -> 5xx, with Retry-After
         ├── StoreUnavailable    503, the feature store failed and fallback is off
         └── Overloaded          503, a deployment is saturated or timed out
@@ -84,6 +85,11 @@ class NotFound(ClientError):
 
 class UnknownEntity(NotFound):
     code = "unknown_entity"
+
+
+class Conflict(ClientError):
+    status_code = 409
+    code = "conflict"
 
 
 class ServiceError(ServeAppError):

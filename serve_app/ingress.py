@@ -13,10 +13,12 @@ to the Model as one list; a batch request crosses it as one list of its unique m
 # No `from __future__ import annotations` here: FastAPI must see real types on routes.
 
 import asyncio
+import hashlib
+import json
 import logging
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
@@ -29,7 +31,9 @@ from serve_app.auth import KeyChecker
 from serve_app.cache import PredictionCache
 from serve_app.config import AppConfig, IngressTuning
 from serve_app.errors import (
+    Conflict,
     InvalidInput,
+    NotFound,
     Overloaded,
     ServeAppError,
     ServiceError,
@@ -42,14 +46,17 @@ from serve_app.http_errors import (
     read_json_body,
     validation_details,
 )
+from serve_app.job_queue import IdempotencyConflict, SQLiteJobQueue, open_job_queue
 from serve_app.schemas import (
     PREDICT_REQUEST,
     BatchRequest,
     BatchResponse,
     ErrorResponse,
+    JobRequest,
     PredictRequest,
     PredictResponse,
 )
+from serve_app.webhooks import check_callback_url, read_secret
 
 logger = logging.getLogger("serve_app.ingress")
 
@@ -68,8 +75,9 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from SERVE_APP_AP
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 503)
 }
+JobId = Annotated[str, Path(description="The id returned by POST /v1/jobs.")]
 
 
 def _json_body_doc(model: type) -> dict[str, Any]:
@@ -120,12 +128,20 @@ def _batch_result(
 @serve.ingress(app)
 class Ingress:
     def __init__(
-        self, model: DeploymentHandle, fetcher: DeploymentHandle, config: dict[str, Any]
+        self,
+        model: DeploymentHandle,
+        fetcher: DeploymentHandle,
+        config: dict[str, Any],
+        job_worker: DeploymentHandle | None = None,
     ) -> None:
         self._config = AppConfig.model_validate(config)
         self._auth = KeyChecker(self._config.auth)
         self._model = model
         self._fetcher = fetcher
+        self._job_worker = job_worker
+        jobs = self._config.jobs
+        self._jobs: SQLiteJobQueue | None = open_job_queue(jobs.queue_url) if jobs.enabled else None
+        self._webhook_secret = read_secret(jobs.webhooks)
         cache = self._config.prediction_cache
         self._cache = PredictionCache(cache.maxsize, cache.ttl_s, enabled=cache.enabled)
         self._version: str | None = None
@@ -279,6 +295,113 @@ class Ingress:
             },
         }
 
+    # ---- queued jobs -------------------------------------------------------------------
+
+    def _job_queue(self) -> SQLiteJobQueue:
+        if self._jobs is None:
+            raise NotFound("queued jobs are disabled in this deployment (jobs.enabled)")
+        return self._jobs
+
+    @app.post(
+        "/v1/jobs",
+        tags=["jobs"],
+        status_code=202,
+        responses=_ERRORS,
+        openapi_extra=_json_body_doc(JobRequest),
+    )
+    async def create_job(
+        self,
+        request: Request,
+        credentials: Credentials,
+        idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+    ) -> JSONResponse:
+        """Queue items for scoring now, read results later (poll or webhook)."""
+        owner = self._auth.require(credentials.credentials if credentials else None)
+        queue = self._job_queue()
+        jobs = self._config.jobs
+        body = await read_json_body(request, jobs.max_body_bytes)
+        try:
+            job_request = JobRequest.model_validate(body)
+        except ValidationError as exc:
+            raise InvalidInput('body must be {"items": [...]}', validation_details(exc)) from exc
+        raw_items = job_request.items
+        if not raw_items:
+            raise InvalidInput("items is empty; send at least one item", [{"type": "empty_batch"}])
+        if len(raw_items) > jobs.max_items:
+            raise InvalidInput(
+                f"{len(raw_items)} items exceed the job limit of {jobs.max_items}",
+                [{"type": "too_many_items", "limit": jobs.max_items}],
+            )
+        callback = job_request.callback_url
+        if callback is not None:
+            await asyncio.to_thread(check_callback_url, callback, jobs.webhooks)
+            if self._webhook_secret is None:
+                raise InvalidInput(
+                    "webhooks are not configured on this service (no signing secret)",
+                    [{"type": "webhooks_not_configured"}],
+                )
+        items: list[dict[str, Any] | None] = []
+        rejected: dict[int, dict[str, Any]] = {}
+        for index, raw in enumerate(raw_items):
+            try:
+                items.append(parse_item(raw).to_item())
+            except InvalidInput as exc:
+                items.append(None)
+                rejected[index] = {"error": exc.to_dict()}
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        try:
+            job, created = await asyncio.to_thread(
+                queue.create, owner, items, rejected, callback, idempotency_key, digest
+            )
+        except IdempotencyConflict as exc:
+            raise Conflict(
+                "this Idempotency-Key was already used with a different body",
+                [{"type": "idempotency_key_reused"}],
+            ) from exc
+        headers = {"Location": f"/v1/jobs/{job.id}"}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(job.public(), status_code=202, headers=headers)
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"], responses=_ERRORS)
+    async def get_job(
+        self,
+        job_id: JobId,
+        credentials: Credentials,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int | None, Query(ge=1)] = None,
+    ) -> dict[str, Any]:
+        """State, progress, webhook delivery; the results (paged) once the job is done."""
+        owner = self._auth.require(credentials.credentials if credentials else None)
+        queue = self._job_queue()
+        job = await asyncio.to_thread(queue.get, job_id, owner)
+        if job is None:
+            raise NotFound(f"no job {job_id!r} for this API key")
+        answer = job.public()
+        if job.state == "succeeded":
+            page = min(
+                limit or self._config.jobs.results_page_max, self._config.jobs.results_page_max
+            )
+            results = await asyncio.to_thread(queue.results, job.id, offset, page)
+            answer["results"] = results
+            end = offset + len(results)
+            answer["next_offset"] = end if end < job.total else None
+        return answer
+
+    @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], responses=_ERRORS)
+    async def cancel_job(self, job_id: JobId, credentials: Credentials) -> dict[str, Any]:
+        """Cancel a job that has not finished yet."""
+        owner = self._auth.require(credentials.credentials if credentials else None)
+        queue = self._job_queue()
+        before = await asyncio.to_thread(queue.get, job_id, owner)
+        if before is None:
+            raise NotFound(f"no job {job_id!r} for this API key")
+        if before.finished:
+            raise Conflict(f"job is already {before.state}", [{"type": "job_finished"}])
+        job = await asyncio.to_thread(queue.cancel, job_id, owner)
+        assert job is not None
+        return job.public()
+
     def _answer(self, item: PredictRequest, version: str, result: ItemResult) -> dict[str, Any]:
         if "error" in result:
             return result
@@ -293,6 +416,7 @@ class Ingress:
         model_stats, fetcher_stats = await asyncio.gather(
             self._model.stats.remote(), self._fetcher.stats.remote()
         )
+        jobs_stats = await self._job_worker.stats.remote() if self._job_worker else None
         cache = self._cache
         return {
             "ingress": {
@@ -301,4 +425,5 @@ class Ingress:
             },
             "model": model_stats,
             "fetcher": fetcher_stats,
+            "job_worker": jobs_stats,
         }

@@ -109,3 +109,12 @@ class ErrorBody(BaseModel):
 class ErrorResponse(BaseModel):
     error: ErrorBody
     request_id: str | None = None
+
+
+class JobRequest(_Body):
+    """A queued prediction job: the batch endpoint's items, many more of them, and a callback."""
+
+    items: list[Any] = Field(description="Each item has the shape of a /v1/predict body.")
+    callback_url: str | None = Field(
+        None, max_length=2_048, description="POSTed a signed Standard Webhooks event when done."
+    )

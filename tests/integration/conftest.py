@@ -7,6 +7,7 @@ files redirected to a temp dir and HTTP on a free loopback port.
 
 from __future__ import annotations
 
+import base64
 import copy
 import os
 import secrets
@@ -23,12 +24,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 APP_NAME = "serve_app"
 API_KEY = "test-" + secrets.token_urlsafe(24)
+OTHER_KEY = "other-" + secrets.token_urlsafe(24)
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 # Must be in the environment before Ray starts: Ray's processes inherit it.
 SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "SERVE_APP_API_KEYS": API_KEY,
+    "SERVE_APP_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+    "SERVE_APP_WEBHOOK_SECRET": WEBHOOK_SECRET,
     # Ingress replicas otherwise drain for 30 s on shutdown; tests stop far more often.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
 }
@@ -48,6 +52,19 @@ def load_test_config(workdir: Path, port: int) -> dict[str, Any]:
     args["artifacts"]["model_dir"] = str(workdir / "model")
     args["store"]["url"] = f"sqlite:///{workdir / 'features.db'}"
     args["auth"]["keys_file"] = None
+    jobs = args["jobs"]
+    jobs["queue_url"] = f"sqlite:///{workdir / 'jobs.db'}"
+    jobs["lease_s"] = 3  # a killed worker's job is claimed again within seconds
+    jobs["chunk_size"] = 250
+    webhooks = jobs["webhooks"]
+    webhooks.update(
+        secret_file=None,
+        allowed_hosts=["127.0.0.1"],  # the test's receiver is on loopback
+        timeout_s=2,
+        max_attempts=4,
+        backoff_initial_s=0.5,
+        backoff_max_s=1,
+    )
     return config
 
 

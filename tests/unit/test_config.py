@@ -5,10 +5,21 @@ import yaml
 from pydantic import ValidationError
 
 from serve_app.app import load_app_config
-from serve_app.config import AppConfig, FetcherTuning, IngressTuning, ModelTuning
+from serve_app.config import (
+    AppConfig,
+    FetcherTuning,
+    IngressTuning,
+    JobWorkerTuning,
+    ModelTuning,
+)
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
-TUNING = {"Model": ModelTuning, "Ingress": IngressTuning, "FeatureFetcher": FetcherTuning}
+TUNING = {
+    "Model": ModelTuning,
+    "Ingress": IngressTuning,
+    "FeatureFetcher": FetcherTuning,
+    "JobWorker": JobWorkerTuning,
+}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

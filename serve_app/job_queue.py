@@ -1,0 +1,403 @@
+"""The durable job queue: at-least-once with leases, on a SQLite file in WAL mode.
+
+Why not a library: persist-queue (SQLiteAckQueue), litequeue and huey's SQLite storage
+were looked at. They give ack/nack of whole messages, but not what jobs need here:
+leases that expire so a dead worker's job is claimed again, per-item progress that
+survives the crash (so finished items are neither recomputed nor lost), idempotency keys
+and a durable webhook schedule. So this is plain sqlite3, behind a small interface that a
+Redis Streams backend (consumer groups + XAUTOCLAIM) can implement too.
+
+Exactly-once results: ``job_results`` has the primary key (job_id, idx) and rows are
+inserted with ``INSERT OR IGNORE`` only while the writer holds the lease, so an item
+recomputed after a crash cannot appear twice.
+
+Every method is synchronous and short; async callers run them with ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from serve_app.errors import ConfigError
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    state TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    idempotency_key TEXT,
+    body_hash TEXT,
+    callback_url TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    expires_at REAL,
+    claims INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_until REAL NOT NULL DEFAULT 0,
+    error TEXT,
+    webhook_state TEXT NOT NULL DEFAULT 'none',
+    webhook_attempts INTEGER NOT NULL DEFAULT 0,
+    webhook_next_at REAL NOT NULL DEFAULT 0,
+    webhook_last_error TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (owner, idempotency_key);
+CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs (state, lease_until);
+CREATE TABLE IF NOT EXISTS job_items (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    item TEXT NOT NULL,
+    PRIMARY KEY (job_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS job_results (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    ok INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    PRIMARY KEY (job_id, idx)
+) WITHOUT ROWID;
+"""
+
+_JOB_COLUMNS = (
+    "id, owner, state, total, done, failed, idempotency_key, body_hash, callback_url, "
+    "created_at, started_at, finished_at, expires_at, claims, error, webhook_state, "
+    "webhook_attempts, webhook_last_error"
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: str
+    state: str
+    total: int
+    done: int
+    failed: int
+    idempotency_key: str | None
+    body_hash: str | None
+    callback_url: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    expires_at: float | None
+    claims: int
+    error: str | None
+    webhook_state: str
+    webhook_attempts: int
+    webhook_last_error: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL
+
+    def public(self) -> dict[str, Any]:
+        """What callers see of a job (status endpoint and webhook payload); no owner."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "status_url": f"/v1/jobs/{self.id}",
+            "progress": {"done": self.done, "total": self.total, "failed": self.failed},
+            "created_at": _iso(self.created_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "expires_at": _iso(self.expires_at),
+            "error": self.error,
+            "webhook": None
+            if self.callback_url is None
+            else {
+                "state": self.webhook_state,
+                "attempts": self.webhook_attempts,
+                "last_error": self.webhook_last_error,
+            },
+        }
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used before with a different body."""
+
+
+class SQLiteJobQueue:
+    """Jobs, their items and results in one SQLite file shared by every replica."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        try:
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken up front (BEGIN IMMEDIATE): no upgrade deadlocks."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    # ---- API side ----------------------------------------------------------------------
+
+    def create(
+        self,
+        owner: str,
+        items: Sequence[dict[str, Any] | None],
+        rejected: dict[int, dict[str, Any]],
+        callback_url: str | None,
+        idempotency_key: str | None,
+        body_hash: str,
+    ) -> tuple[Job, bool]:
+        """Enqueue a job; return it and whether it is new.
+
+        ``items[i]`` is ``None`` for an item that failed validation; its error is in
+        ``rejected[i]`` and is stored as its result at once.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            if idempotency_key is not None:
+                existing = db.execute(
+                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                    (owner, idempotency_key),
+                ).fetchone()
+                if existing is not None:
+                    job = Job(*existing)
+                    if job.body_hash != body_hash:
+                        raise IdempotencyConflict(idempotency_key)
+                    return job, False
+            job_id = uuid.uuid4().hex
+            db.execute(
+                "INSERT INTO jobs (id, owner, state, total, failed, idempotency_key, body_hash,"
+                " callback_url, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    owner,
+                    len(items),
+                    len(rejected),
+                    idempotency_key,
+                    body_hash,
+                    callback_url,
+                    now,
+                ),
+            )
+            db.executemany(
+                "INSERT INTO job_items (job_id, idx, item) VALUES (?, ?, ?)",
+                ((job_id, i, json.dumps(item)) for i, item in enumerate(items) if item is not None),
+            )
+            db.executemany(
+                "INSERT INTO job_results (job_id, idx, ok, result) VALUES (?, ?, 0, ?)",
+                ((job_id, i, json.dumps(error)) for i, error in rejected.items()),
+            )
+            db.execute("UPDATE jobs SET done = ? WHERE id = ?", (len(rejected), job_id))
+        job = self.get(job_id, owner)
+        assert job is not None
+        return job, True
+
+    def get(self, job_id: str, owner: str) -> Job | None:
+        """The job if it exists and belongs to ``owner`` (otherwise None: a 404)."""
+        with self._connect() as db:
+            row = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ? AND owner = ?", (job_id, owner)
+            ).fetchone()
+        return Job(*row) if row else None
+
+    def get_any(self, job_id: str) -> Job | None:
+        """The job whoever owns it: for workers only, never for an API caller."""
+        with self._connect() as db:
+            row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job(*row) if row else None
+
+    def results(self, job_id: str, offset: int, limit: int) -> list[dict[str, Any]]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT idx, result FROM job_results WHERE job_id = ? AND idx >= ?"
+                " ORDER BY idx LIMIT ?",
+                (job_id, offset, limit),
+            ).fetchall()
+        return [{"index": idx, **json.loads(result)} for idx, result in rows]
+
+    def cancel(self, job_id: str, owner: str) -> Job | None:
+        """Cancel a job that has not finished; a finished one is returned unchanged."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?,"
+                " webhook_state = CASE WHEN callback_url IS NULL THEN 'none' ELSE 'pending' END,"
+                " lease_until = 0"
+                " WHERE id = ? AND owner = ? AND state IN ('queued', 'running')",
+                (time.time(), job_id, owner),
+            )
+        return self.get(job_id, owner)
+
+    def depth(self) -> int:
+        """Jobs waiting or running: the JobWorker's autoscaling metric."""
+        with self._connect() as db:
+            return int(
+                db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
+                ).fetchone()[0]
+            )
+
+    # ---- worker side -------------------------------------------------------------------
+
+    def claim(self, worker: str, lease_s: float) -> Job | None:
+        """Lease one job that needs work: queued, abandoned (lease expired) or owed a webhook."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE lease_until < ? AND ("
+                " state IN ('queued', 'running')"
+                " OR (webhook_state = 'pending' AND webhook_next_at <= ?))"
+                " ORDER BY created_at LIMIT 1",
+                (now, now),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET lease_owner = ?, lease_until = ?,"
+                " claims = claims + CASE WHEN state IN ('queued', 'running') THEN 1 ELSE 0 END,"
+                " state = CASE WHEN state = 'queued' THEN 'running' ELSE state END,"
+                " started_at = COALESCE(started_at, ?) WHERE id = ?",
+                (worker, now + lease_s, now, row[0]),
+            )
+            job = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (row[0],)).fetchone()
+        return Job(*job)
+
+    def pending_items(self, job_id: str, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """Items without a result yet, in order (after a crash: only the unfinished ones)."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT i.idx, i.item FROM job_items i LEFT JOIN job_results r"
+                " ON r.job_id = i.job_id AND r.idx = i.idx"
+                " WHERE i.job_id = ? AND r.idx IS NULL ORDER BY i.idx LIMIT ?",
+                (job_id, limit),
+            ).fetchall()
+        return [(idx, json.loads(item)) for idx, item in rows]
+
+    def save_results(
+        self,
+        job_id: str,
+        worker: str,
+        lease_s: float,
+        results: Sequence[tuple[int, dict[str, Any]]],
+    ) -> bool:
+        """Store a chunk's results and extend the lease, only if ``worker`` still holds it.
+
+        Returns False when the lease was lost (another worker took over, or the job was
+        cancelled): the caller must stop working on this job.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            held = db.execute(
+                "SELECT 1 FROM jobs WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                (job_id, worker),
+            ).fetchone()
+            if held is None:
+                return False
+            inserted = failed = 0
+            for idx, result in results:
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO job_results (job_id, idx, ok, result) VALUES (?, ?, ?, ?)",
+                    (job_id, idx, int("error" not in result), json.dumps(result)),
+                )
+                if cursor.rowcount == 1:  # 0 means another worker already stored this item
+                    inserted += 1
+                    failed += "error" in result
+            db.execute(
+                "UPDATE jobs SET done = done + ?, failed = failed + ?, lease_until = ?"
+                " WHERE id = ?",
+                (inserted, failed, now + lease_s, job_id),
+            )
+        return True
+
+    def finish(
+        self,
+        job_id: str,
+        worker: str,
+        state: str,
+        error: str | None,
+        lease_s: float,
+        result_ttl_s: float,
+    ) -> bool:
+        """Mark a job finished and owed a webhook when it has a callback.
+
+        The finishing worker keeps the lease so that it, and no other, makes the first
+        delivery attempt; :meth:`record_webhook` releases it.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET state = ?, error = ?, finished_at = ?, expires_at = ?,"
+                " lease_until = ?,"
+                " webhook_state = CASE WHEN callback_url IS NULL THEN 'none' ELSE 'pending' END"
+                " WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                (state, error, now, now + result_ttl_s, now + lease_s, job_id, worker),
+            )
+            return cursor.rowcount == 1
+
+    def record_webhook(
+        self, job_id: str, state: str, attempts: int, next_at: float, error: str | None
+    ) -> None:
+        """Persist a delivery attempt's outcome: delivered, pending (retry at next_at) or dead."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET webhook_state = ?, webhook_attempts = ?, webhook_next_at = ?,"
+                " webhook_last_error = ?, lease_until = 0, lease_owner = NULL WHERE id = ?",
+                (state, attempts, next_at, error, job_id),
+            )
+
+    def purge_expired(self) -> int:
+        """Delete finished jobs past their retention time, with their items and results."""
+        now = time.time()
+        with self._transaction() as db:
+            ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM jobs WHERE expires_at IS NOT NULL AND expires_at < ?"
+                    " AND webhook_state != 'pending'",
+                    (now,),
+                )
+            ]
+            for table, column in (
+                ("job_items", "job_id"),
+                ("job_results", "job_id"),
+                ("jobs", "id"),
+            ):
+                db.executemany(f"DELETE FROM {table} WHERE {column} = ?", ((i,) for i in ids))
+        return len(ids)
+
+
+def open_job_queue(url: str) -> SQLiteJobQueue:
+    if url.startswith("sqlite:///"):
+        return SQLiteJobQueue(Path(url.removeprefix("sqlite:///")))
+    raise ConfigError(f"unsupported job queue url: {url}")

@@ -1,0 +1,194 @@
+"""The JobWorker deployment: claims queued jobs, runs them through the Model, notifies.
+
+Each replica runs a claim loop. A claimed job is processed in chunks: the items still
+without a result are sent to the Model as one list (so batching and caches serve jobs
+too), and each chunk's results are stored durably with the lease extended. A worker that
+dies loses its lease; the job is claimed again and only its unfinished items are run.
+When the job is done its webhook is owed; deliveries and their retries are scheduled in
+the queue too, so they survive restarts as well.
+
+Autoscaling: each replica reports the queue depth (``record_autoscaling_stats``) and
+:func:`queue_depth_policy` asks for ``ceil(depth / target_ongoing_requests)`` replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from typing import Any
+
+import httpx
+from ray import serve
+from ray.serve.config import AutoscalingContext
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+from serve_app.config import JobsConfig, JobWorkerTuning
+from serve_app.job_queue import Job, open_job_queue
+from serve_app.webhooks import backoff_s, deliver, event_body, read_secret
+
+logger = logging.getLogger("serve_app.jobs")
+
+_PURGE_EVERY_S = 300.0
+
+
+def queue_depth_policy(ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
+    """Replicas for the queue depth: every replica reports the same shared queue."""
+    reported = (ctx.aggregated_metrics or {}).get("queue_depth", {})
+    depth = max(reported.values(), default=0.0)
+    per_replica = getattr(ctx.config, "target_ongoing_requests", None) or 2
+    desired = math.ceil(depth / per_replica)
+    low, high = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+    return max(low, min(high, desired)), ctx.policy_state
+
+
+class JobMetrics:
+    def __init__(self) -> None:
+        self.queue_depth = Gauge("serve_app_job_queue_depth", "Jobs queued or running.")
+        self.items = Counter("serve_app_job_items", "Job items scored.")
+        self.jobs = Counter(
+            "serve_app_jobs_finished", "Jobs finished by state.", tag_keys=("state",)
+        )
+        self.latency_s = Histogram(
+            "serve_app_job_latency_s",
+            "From submission to finish.",
+            boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600],
+        )
+        self.webhooks = Counter(
+            "serve_app_webhook_attempts", "Webhook attempts by outcome.", tag_keys=("outcome",)
+        )
+
+
+@serve.deployment(name="JobWorker", ray_actor_options={"num_cpus": 0.25})
+class JobWorker:
+    async def __init__(self, model: DeploymentHandle, jobs: dict[str, Any]) -> None:
+        self._config = JobsConfig.model_validate(jobs)
+        self._queue = open_job_queue(self._config.queue_url)
+        self._model = model
+        self._worker = f"{serve.get_replica_context().replica_id.unique_id}-{uuid.uuid4().hex[:6]}"
+        self._secret = read_secret(self._config.webhooks)
+        self._http = httpx.AsyncClient()
+        self._metrics = JobMetrics()
+        self._slots = asyncio.Semaphore(JobWorkerTuning().concurrent_jobs)
+        self._depth = 0
+        self._running: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop().create_task(self._claim_loop())
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        tuning = JobWorkerTuning.model_validate(user_config or {})
+        self._slots = asyncio.Semaphore(tuning.concurrent_jobs)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {"queue_depth": float(self._depth)}
+
+    def check_health(self) -> None:
+        if self._loop.done():
+            raise RuntimeError(f"claim loop stopped: {self._loop!r}")
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "worker": self._worker,
+            "pid": os.getpid(),
+            "running_jobs": len(self._running),
+            "depth": self._depth,
+        }
+
+    # ---- the claim loop ----------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        last_purge = 0.0
+        while True:
+            try:
+                slots = self._slots
+                await slots.acquire()
+                job = await asyncio.to_thread(self._queue.claim, self._worker, self._config.lease_s)
+                if job is None:
+                    slots.release()
+                    self._depth = await asyncio.to_thread(self._queue.depth)
+                    self._metrics.queue_depth.set(self._depth)
+                    if time.monotonic() - last_purge > _PURGE_EVERY_S:
+                        last_purge = time.monotonic()
+                        await asyncio.to_thread(self._queue.purge_expired)
+                    await asyncio.sleep(self._config.poll_interval_s)
+                    continue
+                task = asyncio.create_task(self._handle(job))
+                self._running.add(task)
+                task.add_done_callback(lambda t, s=slots: (self._running.discard(t), s.release()))
+            except Exception:  # the loop must outlive any single failure
+                logger.exception("claim loop error")
+                await asyncio.sleep(1.0)
+
+    async def _handle(self, job: Job) -> None:
+        try:
+            if job.finished:
+                await self._send_webhook(job.id)
+            elif job.claims > self._config.max_claims:
+                await self._finish(job, "failed", f"abandoned after {job.claims - 1} claims")
+            else:
+                await self._run_job(job)
+        except Exception:  # the lease expires and another claim retries the job
+            logger.exception("job %s: worker error; it will be claimed again", job.id)
+
+    async def _run_job(self, job: Job) -> None:
+        config = self._config
+        while True:
+            pending = await asyncio.to_thread(self._queue.pending_items, job.id, config.chunk_size)
+            if not pending:
+                break
+            scored = await self._model.score.remote([item for _, item in pending])
+            results = [
+                (idx, r if "error" in r else {**r, "entity_id": item["entity_id"]})
+                for (idx, item), r in zip(pending, scored["results"], strict=True)
+            ]
+            kept = await asyncio.to_thread(
+                self._queue.save_results, job.id, self._worker, config.lease_s, results
+            )
+            if not kept:
+                logger.info("job %s: lease lost or job cancelled; stopping", job.id)
+                return
+            self._metrics.items.inc(len(results))
+        await self._finish(job, "succeeded", None)
+
+    async def _finish(self, job: Job, state: str, error: str | None) -> None:
+        finished = await asyncio.to_thread(
+            self._queue.finish,
+            job.id,
+            self._worker,
+            state,
+            error,
+            self._config.lease_s,
+            self._config.result_ttl_s,
+        )
+        if not finished:
+            return
+        self._metrics.jobs.inc(tags={"state": state})
+        self._metrics.latency_s.observe(time.time() - job.created_at)
+        if job.callback_url:
+            await self._send_webhook(job.id)
+
+    async def _send_webhook(self, job_id: str) -> None:
+        job = await asyncio.to_thread(self._queue.get_any, job_id)
+        if job is None or job.webhook_state != "pending" or not job.callback_url:
+            return
+        config = self._config.webhooks
+        attempts = job.webhook_attempts + 1
+        if self._secret is None:
+            delivered, retryable, error = False, False, "no webhook secret configured"
+        else:
+            body = json.dumps(event_body(job.public()), separators=(",", ":"))
+            delivered, retryable, error = await deliver(
+                self._http, job.callback_url, self._secret, f"msg_{job.id}", body, config
+            )
+        if delivered:
+            state, next_at = "delivered", 0.0
+        elif retryable and attempts < config.max_attempts:
+            state, next_at = "pending", time.time() + backoff_s(attempts, config)
+        else:
+            state, next_at = "dead", 0.0
+        self._metrics.webhooks.inc(tags={"outcome": "delivered" if delivered else "failed"})
+        await asyncio.to_thread(self._queue.record_webhook, job.id, state, attempts, next_at, error)
