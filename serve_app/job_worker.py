@@ -38,9 +38,18 @@ _PURGE_EVERY_S = 300.0
 
 
 def queue_depth_policy(ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
-    """Replicas for the queue depth: every replica reports the same shared queue."""
-    reported = (ctx.aggregated_metrics or {}).get("queue_depth", {})
-    depth = max(reported.values(), default=0.0)
+    """Replicas for the current queue depth, ``ceil(depth / target_ongoing_requests)``.
+
+    Every replica reports the same shared queue, so the newest report is the depth. The
+    newest value is used rather than the look-back mean: a burst of jobs should add
+    workers at once (Serve still applies upscale/downscale delays and the bounds).
+    """
+    newest: tuple[float, float] | None = None
+    for series in (ctx.raw_metrics or {}).get("queue_depth", {}).values():
+        for point in series:
+            if newest is None or point.timestamp > newest[0]:
+                newest = (point.timestamp, point.value)
+    depth = newest[1] if newest else 0.0
     per_replica = getattr(ctx.config, "target_ongoing_requests", None) or 2
     desired = math.ceil(depth / per_replica)
     low, high = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
@@ -77,7 +86,9 @@ class JobWorker:
         self._slots = asyncio.Semaphore(JobWorkerTuning().concurrent_jobs)
         self._depth = 0
         self._running: set[asyncio.Task[None]] = set()
-        self._loop = asyncio.get_running_loop().create_task(self._claim_loop())
+        loop = asyncio.get_running_loop()
+        self._loop = loop.create_task(self._claim_loop())
+        self._housekeeping = loop.create_task(self._housekeeping_loop())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         tuning = JobWorkerTuning.model_validate(user_config or {})
@@ -87,8 +98,9 @@ class JobWorker:
         return {"queue_depth": float(self._depth)}
 
     def check_health(self) -> None:
-        if self._loop.done():
-            raise RuntimeError(f"claim loop stopped: {self._loop!r}")
+        for task in (self._loop, self._housekeeping):
+            if task.done():
+                raise RuntimeError(f"background loop stopped: {task!r}")
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -101,7 +113,6 @@ class JobWorker:
     # ---- the claim loop ----------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
-        last_purge = 0.0
         while True:
             try:
                 slots = self._slots
@@ -109,11 +120,6 @@ class JobWorker:
                 job = await asyncio.to_thread(self._queue.claim, self._worker, self._config.lease_s)
                 if job is None:
                     slots.release()
-                    self._depth = await asyncio.to_thread(self._queue.depth)
-                    self._metrics.queue_depth.set(self._depth)
-                    if time.monotonic() - last_purge > _PURGE_EVERY_S:
-                        last_purge = time.monotonic()
-                        await asyncio.to_thread(self._queue.purge_expired)
                     await asyncio.sleep(self._config.poll_interval_s)
                     continue
                 task = asyncio.create_task(self._handle(job))
@@ -122,6 +128,24 @@ class JobWorker:
             except Exception:  # the loop must outlive any single failure
                 logger.exception("claim loop error")
                 await asyncio.sleep(1.0)
+
+    async def _housekeeping_loop(self) -> None:
+        """Refresh the queue depth (the autoscaling metric) and purge expired jobs.
+
+        Separate from the claim loop, which blocks while every slot is busy: exactly when
+        the depth matters most.
+        """
+        last_purge = 0.0
+        while True:
+            try:
+                self._depth = await asyncio.to_thread(self._queue.depth)
+                self._metrics.queue_depth.set(self._depth)
+                if time.monotonic() - last_purge > _PURGE_EVERY_S:
+                    last_purge = time.monotonic()
+                    await asyncio.to_thread(self._queue.purge_expired)
+            except Exception:
+                logger.exception("housekeeping error")
+            await asyncio.sleep(1.0)
 
     async def _handle(self, job: Job) -> None:
         try:

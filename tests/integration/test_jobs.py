@@ -270,7 +270,7 @@ def test_job_worker_scales_out_on_queue_depth(serve_app: ServeApp) -> None:
     """The custom autoscaling metric: queue depth 6 at 2 jobs per replica asks for max (2)."""
     from ray import serve
 
-    jobs = [submit(serve_app, {"items": items(10_000, 1_000 * i)}).json() for i in range(6)]
+    jobs = [submit(serve_app, {"items": items(20_000, 1_000 * i)}).json() for i in range(6)]
     try:
         deadline = time.monotonic() + 90
         replicas = 0
