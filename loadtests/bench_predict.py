@@ -25,6 +25,7 @@ outlives ``ray.shutdown()`` is reported and killed by PID.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -203,6 +204,7 @@ def serve_environment(workdir: Path, api_key: str) -> dict[str, str]:
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
         "SERVE_APP_API_KEYS": api_key,
+        "SERVE_APP_WEBHOOK_SECRET": "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
         # Keep clear of another local Serve (e.g. the integration tests) on this machine.
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy / "admin.sock"),
@@ -221,6 +223,9 @@ def serve_config(model_dir: Path, sqlite: Path, port: int) -> dict[str, Any]:
     args["artifacts"]["model_dir"] = str(model_dir)
     args["store"]["url"] = f"sqlite:///{sqlite}"
     args["auth"]["keys_file"] = None
+    if "jobs" in args:  # the job queue and its webhook secret: temp dir and env, too
+        args["jobs"]["queue_url"] = f"sqlite:///{model_dir.parent / 'jobs.db'}"
+        args["jobs"].setdefault("webhooks", {})["secret_file"] = None
     return config
 
 
@@ -364,7 +369,7 @@ def descendants() -> dict[int, tuple[str, str]]:
     return found
 
 
-CPU_GROUPS = (*DEPLOYMENTS, "HAProxy", "Ray other", "baseline", "wrk")
+CPU_GROUPS = (*DEPLOYMENTS, "other replicas", "HAProxy", "Ray other", "baseline", "wrk")
 
 
 def cpu_group(pid: int, name: str) -> str:
@@ -372,9 +377,9 @@ def cpu_group(pid: int, name: str) -> str:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         cmdline = ""
-    for deployment in DEPLOYMENTS:
-        if f"ServeReplica:{APP_NAME}:{deployment}" in cmdline:
-            return deployment
+    if f"ServeReplica:{APP_NAME}:" in cmdline:
+        deployment = cmdline.split(f"ServeReplica:{APP_NAME}:")[1].split()[0].strip("\0")
+        return deployment if deployment in DEPLOYMENTS else "other replicas"
     if name.startswith("haproxy"):
         return "HAProxy"
     return "baseline" if "baseline_app.py" in cmdline else "Ray other"
@@ -397,14 +402,22 @@ def cpu_ticks() -> dict[int, tuple[str, int]]:
 def cpu_meter(into: dict[str, float]) -> Iterator[None]:
     """Fill ``into`` with the cores each process group kept busy (wrk: finished children)."""
     before, children = cpu_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
+    machine_before, started = machine_busy_ticks(), time.perf_counter()
     yield
     after, done = cpu_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall, hz = time.perf_counter() - started, os.sysconf("SC_CLK_TCK")
+    machine_after, wall = machine_busy_ticks(), time.perf_counter() - started
+    hz = os.sysconf("SC_CLK_TCK")
     into.update(dict.fromkeys(CPU_GROUPS, 0.0))
     for pid, (group, ticks) in after.items():
         into[group] += (ticks - before.get(pid, (group, 0))[1]) / hz / wall
     into["wrk"] = (done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime) / wall
+    into["machine"] = (machine_after - machine_before) / hz / wall
+
+
+def machine_busy_ticks() -> int:
+    """Busy clock ticks of the whole machine (all CPUs, everyone's processes)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(fields[:8]) - fields[3] - fields[4]  # minus idle and iowait
 
 
 def alive(started: dict[int, tuple[str, str]]) -> dict[int, str]:
@@ -506,14 +519,16 @@ def table(results: list[Result]) -> str:
 
 def cpu_table(results: list[Result]) -> str:
     lines = [
-        "| case | target | " + " | ".join(CPU_GROUPS) + " | total |",
-        "|" + "---|" * (len(CPU_GROUPS) + 3),
+        "| case | target | " + " | ".join(CPU_GROUPS) + " | all ours | whole machine |",
+        "|" + "---|" * (len(CPU_GROUPS) + 4),
     ]
     for result in results:
         cells = [f"{result.cpu.get(group, 0.0):.2f}" for group in CPU_GROUPS]
-        total = f"{sum(result.cpu.values()):.2f}"
+        ours = f"{sum(result.cpu.get(group, 0.0) for group in CPU_GROUPS):.2f}"
+        machine = f"{result.cpu.get('machine', 0.0):.2f}"
         lines.append(
-            f"| {result.case.name} | {result.target.label} | {' | '.join(cells)} | {total} |"
+            f"| {result.case.name} | {result.target.label} | {' | '.join(cells)} "
+            f"| {ours} | {machine} |"
         )
     return "\n".join(lines)
 
@@ -542,7 +557,8 @@ def report(results: list[Result], args: argparse.Namespace, notes: list[str]) ->
     cpu = [
         "",
         "CPU during each row, in cores busy (user+system time / wall time; the machine has "
-        f"{os.cpu_count()}). Ray other = controller, raylet, GCS, HAProxy manager, proxies...",
+        f"{os.cpu_count()}). Ray other = controller, raylet, GCS, HAProxy manager, proxies; "
+        "whole machine includes other people's processes.",
         "",
         cpu_table(results),
     ]

@@ -233,6 +233,7 @@ class Ingress:
         "/v1/predict/batch",
         tags=["predict"],
         response_model=BatchResponse,
+        response_model_exclude_none=True,
         responses=_ERRORS,
         openapi_extra=_json_body_doc(BatchRequest),
     )

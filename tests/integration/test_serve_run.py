@@ -1,0 +1,68 @@
+"""The README's way to start the service: `serve run` in throughput mode, then Ctrl-C.
+
+design.md records that `serve run` under HAProxy mode once hung on Ctrl-C and left its
+raylet behind. This starts the real command in its own session, calls it, sends SIGINT
+and checks that it exits and that nothing it started is left running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import API_KEY, SERVE_ENV, free_port, load_test_config, wait_ready
+
+pytestmark = pytest.mark.integration
+
+
+def session_processes(sid: int) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,sid="], capture_output=True, text=True).stdout
+    return [int(pid) for pid, s in (line.split() for line in out.splitlines()) if int(s) == sid]
+
+
+def test_serve_run_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    config = load_test_config(tmp_path, free_port())
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(SERVE_ENV)
+    serve_bin = Path(sys.executable).with_name("serve")
+    process = subprocess.Popen(
+        [str(serve_bin), "run", str(config_path)],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own session: everything it starts can be found
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    sid = process.pid
+    try:
+        base_url = f"http://127.0.0.1:{config['http_options']['port']}"
+        wait_ready(base_url, timeout_s=240)
+        answer = httpx.post(
+            f"{base_url}/v1/predict",
+            json={"entity_id": "E0000007"},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=30,
+        )
+        assert answer.status_code == 200 and 0 <= answer.json()["score"] <= 1
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=90)
+        deadline = time.monotonic() + 30
+        while session_processes(sid) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert session_processes(sid) == [], "serve run left processes behind"
+    finally:
+        for pid in session_processes(sid):
+            os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()
