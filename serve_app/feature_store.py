@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpx
 import pandas as pd
 
 from serve_app.errors import ConfigError, StoreUnavailable
@@ -81,10 +82,47 @@ class SQLiteFeatureStore:
         await asyncio.to_thread(lambda: self._connect().close())
 
 
+class HttpFeatureStore:
+    """A remote feature API: ``POST {url}/features/bulk {"ids": [...]}`` -> ``{"features": {id: row}}``.
+
+    Stands for the "external API call" of the talk. One pooled async client per replica
+    (keep-alive connections), one request per bulk look-up. Timeouts and retries are the
+    caller's (:class:`serve_app.fetcher.StoreClient`), so every backend behaves alike.
+    """
+
+    def __init__(self, url: str, max_connections: int = 32) -> None:
+        self.url = url.rstrip("/")
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        self._client = httpx.AsyncClient(limits=limits, timeout=None)
+
+    async def get_many(self, entity_ids: Sequence[str]) -> dict[str, FeatureRow]:
+        if not entity_ids:
+            return {}
+        try:
+            response = await self._client.post(
+                f"{self.url}/features/bulk", json={"ids": list(entity_ids)}
+            )
+            response.raise_for_status()
+            rows = response.json()["features"]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            raise StoreUnavailable(f"feature API failed: {type(exc).__name__}: {exc}") from exc
+        return {entity: row for entity, row in rows.items() if row is not None}
+
+    async def ping(self) -> None:
+        try:
+            (await self._client.get(f"{self.url}/healthz")).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise StoreUnavailable(f"feature API unreachable: {exc}") from exc
+
+
 def open_store(url: str) -> FeatureStore:
     """The store named by a URL from the YAML."""
     if url.startswith("sqlite:///"):
         return SQLiteFeatureStore(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("http://", "https://")):
+        return HttpFeatureStore(url)
     raise ConfigError(f"unsupported feature store url: {url}")
 
 

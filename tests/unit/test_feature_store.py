@@ -39,3 +39,36 @@ def test_corrupt_file_is_store_unavailable(tmp_path: Path) -> None:
 def test_unknown_scheme_is_config_error() -> None:
     with pytest.raises(ConfigError):
         open_store("ftp://example")
+
+
+def test_http_store_bulk_get_and_outage(small_store_path: Path) -> None:
+    from loadtests.feature_api import create_app
+    from serve_app.feature_store import HttpFeatureStore
+    from tests.servers import serve_in_thread
+
+    api = create_app(small_store_path, latency_ms=1)
+    with serve_in_thread(api) as url:
+        store = open_store(url)
+        assert isinstance(store, HttpFeatureStore)
+
+        async def scenario() -> dict[str, dict[str, object]]:
+            await store.ping()
+            rows = await store.get_many(["E0000000", "nope", "E0000003"])
+            api.state.healthy = False
+            with pytest.raises(StoreUnavailable):
+                await store.get_many(["E0000000"])
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+            return rows
+
+        rows = asyncio.run(scenario())
+    sqlite_rows = asyncio.run(
+        SQLiteFeatureStore(small_store_path).get_many(["E0000000", "E0000003"])
+    )
+    assert rows == sqlite_rows  # same data through either backend
+
+    async def down() -> None:
+        with pytest.raises(StoreUnavailable):
+            await HttpFeatureStore(url).get_many(["E0000000"])  # server gone: connect error
+
+    asyncio.run(down())
