@@ -553,6 +553,12 @@ def report(results: list[Result], args: argparse.Namespace, notes: list[str]) ->
         "the row (calls = Ingress->Model calls merged into one batch). Baseline: 1 "
         "predict_proba per request, no caches.",
         *[f"- {note}" for note in notes[1:]],
+        *[
+            f"- non-2xx in {r.case.name} / {r.target.label}: {r.wrk['codes']}; first: "
+            f"`{r.wrk['sample'][:200]}`"
+            for r in results
+            if r.non_2xx
+        ],
     ]
     cpu = [
         "",

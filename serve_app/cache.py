@@ -47,6 +47,17 @@ class SingleFlightCache(Generic[K, V]):
 
     async def get_many(self, keys: Iterable[K], loader: BulkLoader[K, V]) -> dict[K, V]:
         """Values for ``keys`` (absent keys left out), loading only what is needed."""
+        found, _ = await self.get_many_counted(keys, loader)
+        return found
+
+    async def get_many_counted(
+        self, keys: Iterable[K], loader: BulkLoader[K, V]
+    ) -> tuple[dict[K, V], int]:
+        """Like :meth:`get_many`, plus how many distinct keys were served from the cache.
+
+        The count is this call's own: concurrent calls interleave at every ``await``, so
+        differences of the shared counters would mix their hits up.
+        """
         unique = list(dict.fromkeys(keys))
         found: dict[K, Any] = {}
         waiting: dict[K, asyncio.Future[Any]] = {}
@@ -60,11 +71,12 @@ class SingleFlightCache(Generic[K, V]):
                 to_load.append(key)
         self.hits += len(found)
         self.misses += len(unique) - len(found)
+        hits = len(found)
         if to_load:
             found.update(await self._load(to_load, loader))
         for key, future in waiting.items():
             found[key] = await asyncio.shield(future)
-        return {key: value for key, value in found.items() if value is not self._ABSENT}
+        return {key: value for key, value in found.items() if value is not self._ABSENT}, hits
 
     async def _load(self, keys: list[K], loader: BulkLoader[K, V]) -> dict[K, Any]:
         loop = asyncio.get_running_loop()

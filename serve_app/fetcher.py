@@ -94,14 +94,12 @@ class FeatureFetcher:
         ``status`` is ``ok``; or ``degraded`` (no rows; score on defaults) or
         ``unavailable`` (fail the items) when the store failed, per ``store.on_error``.
         """
-        hits_before = self._cache.hits
         try:
-            rows = await self._cache.get_many(entity_ids, self._load)
+            rows, hits = await self._cache.get_many_counted(entity_ids, self._load)
         except StoreUnavailable as exc:
             self._failures += 1
             status = "degraded" if self._config.on_error == "degrade" else "unavailable"
             return {"status": status, "rows": {}, "missing": [], "reason": exc.message}
-        hits = self._cache.hits - hits_before
         misses = len(set(entity_ids)) - hits
         if hits:
             self._metrics.cache.inc(hits, tags={"result": "hit"})

@@ -12,7 +12,6 @@ import copy
 import os
 import secrets
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+
+from serve_app.launch import THROUGHPUT_ENV, deploy_config, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_NAME = "serve_app"
@@ -29,8 +30,7 @@ WEBHOOK_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 # Must be in the environment before Ray starts: Ray's processes inherit it.
 SERVE_ENV = {
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    **THROUGHPUT_ENV,
     "SERVE_APP_API_KEYS": f"{API_KEY},{OTHER_KEY}",
     "SERVE_APP_WEBHOOK_SECRET": WEBHOOK_SECRET,
     # Ingress replicas otherwise drain for 30 s on shutdown; tests stop far more often.
@@ -69,25 +69,7 @@ def load_test_config(workdir: Path, port: int) -> dict[str, Any]:
 
 
 def deploy(config: dict[str, Any], timeout_s: float = 180) -> None:
-    """Apply a Serve config dict as ``serve deploy`` does, and wait for RUNNING."""
-    from ray import serve
-    from ray.serve._private import api as serve_api
-    from ray.serve.schema import ServeDeploySchema
-
-    schema = ServeDeploySchema.model_validate(config)
-    client = serve_api.serve_start(
-        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
-    )
-    client.deploy_apps(schema)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP_NAME)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"deploy failed: {status.message}")
-        time.sleep(0.5)
-    raise TimeoutError(f"{APP_NAME} not RUNNING after {timeout_s}s: {serve.status()}")
+    deploy_config(config, timeout_s)
 
 
 class ServeApp:
@@ -115,21 +97,6 @@ class ServeApp:
         mutate(config)
         deploy(config)
         self.config = config
-
-
-def wait_ready(base_url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"{base_url}/readyz", timeout=5)
-            if response.status_code == 200:
-                return
-            last = response.text
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.5)
-    raise TimeoutError(f"service not ready: {last}")
 
 
 @pytest.fixture(scope="session")

@@ -107,3 +107,15 @@ def test_prediction_cache_is_lru_bounded() -> None:
     cache.get("a")
     cache.put("c", {"score": 3})
     assert cache.get("b") is None and cache.get("a") is not None
+
+
+def test_hit_counts_are_per_call_even_when_calls_interleave() -> None:
+    async def scenario() -> list[int]:
+        cache: SingleFlightCache[str, str] = SingleFlightCache(100, ttl_s=60)
+        loader = CountingLoader({"a", "b", "c"}, delay=0.02)
+        await cache.get_many(["a"], loader)
+        calls = [cache.get_many_counted(["a", "b"], loader) for _ in range(3)]
+        calls.append(cache.get_many_counted(["a", "c"], loader))
+        return [hits for _, hits in await asyncio.gather(*calls)]
+
+    assert asyncio.run(scenario()) == [1, 1, 1, 1]
