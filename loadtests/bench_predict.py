@@ -277,17 +277,21 @@ def replica_counts() -> str:
     )
 
 
-def stats_snapshot(client: httpx.Client, polls: int = 8) -> dict[str, Any]:
-    """Model counters per replica (polled a few times to reach each replica) + fetcher."""
+def stats_snapshot(client: httpx.Client, max_polls: int = 60) -> dict[str, Any]:
+    """Model counters per replica, polled until every running Model replica answered."""
+    replicas = replica_counts()
+    running = int(replicas.split("/")[1])
     models: dict[str, dict[str, Any]] = {}
     fetcher: dict[str, Any] = {}
-    for _ in range(polls):
+    for _ in range(max_polls):
         response = client.get("/v1/stats")
         response.raise_for_status()
         body = response.json()
         models[body["model"]["replica"]] = body["model"]
         fetcher = body["fetcher"]
-    return {"models": models, "fetcher": fetcher, "replicas": replica_counts()}
+        if len(models) >= running:
+            break
+    return {"models": models, "fetcher": fetcher, "replicas": replicas}
 
 
 def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
