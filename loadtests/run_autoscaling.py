@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 import secrets
 import subprocess
@@ -143,6 +144,12 @@ def read_history(out: Path) -> list[dict[str, Any]]:
                 "requests": number("Total Request Count"),
                 "failures": number("Total Failure Count"),
             })  # fmt: skip
+    # locust's own Requests/s is a sliding window that freezes when traffic stops;
+    # the difference of the running total is what was really served each second
+    for previous, row in itertools.pairwise(rows):
+        elapsed = row["timestamp"] - previous["timestamp"]
+        if elapsed > 0:
+            row["rps"] = (row["requests"] - previous["requests"]) / elapsed
     return rows
 
 
