@@ -16,7 +16,8 @@ What it does, all on loopback and in a temp dir:
    cache cannot hit), and against serve_app with ids from a hot set of 1,000 (context a
    function of the id: the cache-friendly case). Each run is preceded by a short warm-up.
 5. prints a markdown table (req/s, items/s, p50, p99, errors, cache hits, the mean batch
-   the Model saw, serve_app/baseline) and writes it to loadtests/results/bench_predict.md.
+   the Model saw, serve_app/baseline) and the cores each process group kept busy, and
+   writes both to loadtests/results/bench_predict.md.
 
 Everything it starts is stopped in ``finally`` blocks; a Ray process it started and that
 outlives ``ray.shutdown()`` is reported and killed by PID.
