@@ -154,8 +154,10 @@ class IngressTuning(_Strict):
     what keeps the Model's batches full (see shared/design.md: hops are the cost).
     """
 
-    coalesce_max_batch_size: int = Field(64, ge=1, le=4_096)
-    coalesce_wait_s: float = Field(0.003, ge=0, le=1)
+    coalesce_max_batch_size: int = Field(256, ge=1, le=4_096)
+    coalesce_wait_s: float = Field(0.002, ge=0, le=1)
+    # calls to the Model in flight at once; more items gather while they run
+    coalesce_max_in_flight: int = Field(2, ge=1, le=16)
 
 
 class JobWorkerTuning(_Strict):

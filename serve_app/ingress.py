@@ -6,8 +6,9 @@ Request path of one item, and its hops:
            -> Model    (1 hop per *coalesced list*, not per item)
            -> FeatureFetcher (1 hop per *model batch*)
 
-Concurrent single predictions are coalesced here with ``@serve.batch`` and cross the hop
-to the Model as one list; a batch request crosses it as one list of its unique misses.
+Concurrent single predictions are coalesced here (``serve_app/coalescer.py``) and cross
+the hop to the Model as one list; a batch request crosses it as one list of its unique
+misses.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real types on routes.
@@ -29,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.auth import KeyChecker
 from serve_app.cache import PredictionCache
+from serve_app.coalescer import Coalescer
 from serve_app.config import AppConfig, IngressTuning
 from serve_app.errors import (
     Conflict,
@@ -145,11 +147,19 @@ class Ingress:
         cache = self._config.prediction_cache
         self._cache = PredictionCache(cache.maxsize, cache.ttl_s, enabled=cache.enabled)
         self._version: str | None = None
+        tuning = IngressTuning()
+        self._coalescer: Coalescer[Item, tuple[str, ItemResult]] = Coalescer(
+            self._score_list,
+            tuning.coalesce_max_batch_size,
+            tuning.coalesce_wait_s,
+            tuning.coalesce_max_in_flight,
+        )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         tuning = IngressTuning.model_validate(user_config or {})
-        self._coalesced.set_max_batch_size(tuning.coalesce_max_batch_size)
-        self._coalesced.set_batch_wait_timeout_s(tuning.coalesce_wait_s)
+        self._coalescer.configure(
+            tuning.coalesce_max_batch_size, tuning.coalesce_wait_s, tuning.coalesce_max_in_flight
+        )
 
     # ---- the hop to the Model -------------------------------------------------------
 
@@ -169,8 +179,8 @@ class Ingress:
         self._version = result["model_version"]
         return result
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.003)
-    async def _coalesced(self, items: list[Item]) -> list[tuple[str, ItemResult]]:
+    async def _score_list(self, items: list[Item]) -> list[tuple[str, ItemResult]]:
+        """One hop for many concurrent single predictions (called by the coalescer)."""
         result = await self._call_model(items)
         return [(result["model_version"], r) for r in result["results"]]
 
@@ -222,7 +232,7 @@ class Ingress:
         hit = self._cache.get((self._version, *item.cache_key()))
         if hit is not None:
             return {**hit, "cached": True}
-        version, result = await self._coalesced(item.to_item())
+        version, result = await self._coalescer.submit(item.to_item())
         if "error" in result:
             raise item_error(result["error"])
         answer = {"entity_id": item.entity_id, "model_version": version, "cached": False, **result}
@@ -423,6 +433,8 @@ class Ingress:
             "ingress": {
                 "prediction_cache_hits": cache.hits,
                 "prediction_cache_misses": cache.misses,
+                "coalesced_calls": self._coalescer.batches,
+                "coalesced_items": self._coalescer.items,
             },
             "model": model_stats,
             "fetcher": fetcher_stats,

@@ -98,7 +98,8 @@ class Model:
             return {"model_version": self._model.version, "results": []}
         return await self._score_batched(items)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    # Two batches at once: one can await its feature fetch (IO) while the other predicts.
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
     async def _score_batched(self, calls: list[list[Item]]) -> list[dict[str, Any]]:
         flat = [item for call in calls for item in call]
         unique: dict[tuple[Any, ...], Item] = {}

@@ -1,0 +1,96 @@
+import asyncio
+
+import pytest
+
+from serve_app.coalescer import Coalescer
+
+
+class SlowDouble:
+    """A downstream call that takes a while, like a hop to another deployment."""
+
+    def __init__(self, delay: float = 0.05) -> None:
+        self.delay = delay
+        self.calls: list[list[int]] = []
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.calls.append(items)
+        await asyncio.sleep(self.delay)
+        return [2 * item for item in items]
+
+
+def test_concurrent_submits_share_few_calls_and_keep_their_results() -> None:
+    async def scenario() -> tuple[SlowDouble, list[int]]:
+        call = SlowDouble()
+        coalescer: Coalescer[int, int] = Coalescer(call, max_batch_size=64, max_in_flight=1)
+        results = await asyncio.gather(*(coalescer.submit(i) for i in range(100)))
+        return call, results
+
+    call, results = asyncio.run(scenario())
+    assert results == [2 * i for i in range(100)]
+    assert len(call.calls) == 2 and [len(c) for c in call.calls] == [64, 36]
+
+
+def test_batches_grow_while_a_call_is_in_flight() -> None:
+    """Items arriving during a slow call are all taken by the next one."""
+
+    async def scenario() -> SlowDouble:
+        call = SlowDouble(delay=0.05)
+        coalescer: Coalescer[int, int] = Coalescer(
+            call, max_batch_size=1000, wait_s=0, max_in_flight=1
+        )
+        first = asyncio.create_task(coalescer.submit(0))
+        await asyncio.sleep(0.01)
+        rest = [asyncio.create_task(coalescer.submit(i)) for i in range(1, 40)]
+        await asyncio.gather(first, *rest)
+        return call
+
+    call = asyncio.run(scenario())
+    assert [len(c) for c in call.calls] == [1, 39]
+
+
+def test_a_failing_call_fails_only_its_batch_and_the_worker_survives() -> None:
+    async def scenario() -> tuple[list[object], int]:
+        attempts = 0
+
+        async def flaky(items: list[int]) -> list[int]:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                raise RuntimeError("downstream restarting")
+            return items
+
+        coalescer: Coalescer[int, int] = Coalescer(flaky, wait_s=0.01, max_in_flight=1)
+        failed = await asyncio.gather(
+            *(coalescer.submit(i) for i in range(3)), return_exceptions=True
+        )
+        later = await coalescer.submit(7)
+        return failed, later
+
+    failed, later = asyncio.run(scenario())
+    assert all(isinstance(outcome, RuntimeError) for outcome in failed)
+    assert later == 7
+
+
+def test_wrong_result_count_is_an_error_not_a_hang() -> None:
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    async def scenario() -> None:
+        coalescer: Coalescer[int, int] = Coalescer(short, wait_s=0.01)
+        with pytest.raises(RuntimeError, match="results for"):
+            await asyncio.gather(coalescer.submit(1), coalescer.submit(2))
+
+    asyncio.run(scenario())
+
+
+def test_configure_changes_batch_size_and_slots() -> None:
+    async def scenario() -> SlowDouble:
+        call = SlowDouble(delay=0.02)
+        coalescer: Coalescer[int, int] = Coalescer(call, max_batch_size=64, max_in_flight=1)
+        await coalescer.submit(0)
+        coalescer.configure(max_batch_size=5, wait_s=0.005, max_in_flight=3)
+        await asyncio.gather(*(coalescer.submit(i) for i in range(20)))
+        return call
+
+    call = asyncio.run(scenario())
+    assert max(len(c) for c in call.calls[1:]) <= 5
