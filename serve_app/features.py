@@ -64,14 +64,31 @@ def build_frame(
     """
     if len(entity_rows) != len(request_rows):
         raise ValueError("entity_rows and request_rows must have the same length")
-    columns: dict[str, Any] = {}
-    for name in ENTITY_FEATURES:
-        columns[name] = [None if row is None else row.get(name) for row in entity_rows]
-    for name in REQUEST_FEATURES:
-        columns[name] = [row.get(name) for row in request_rows]
-    frame = pd.DataFrame(columns, columns=list(MODEL_COLUMNS))
-    for name in NUMERIC_FEATURES:
-        frame[name] = pd.to_numeric(frame[name], errors="coerce").astype(np.float64)
+    empty: Mapping[str, Any] = {}
+    entities = [empty if row is None else row for row in entity_rows]
+    columns: dict[str, np.ndarray] = {}
     for name in CATEGORICAL_FEATURES:
-        frame[name] = frame[name].astype(object).where(frame[name].isin(CATEGORIES[name]), np.nan)
-    return frame
+        rows = entities if name in ENTITY_FEATURES else request_rows
+        allowed = _ALLOWED[name]
+        columns[name] = np.array(
+            [value if (value := row.get(name)) in allowed else np.nan for row in rows], dtype=object
+        )
+    for name in NUMERIC_FEATURES:
+        rows = entities if name in ENTITY_FEATURES else request_rows
+        columns[name] = np.array([_number(row.get(name)) for row in rows], dtype=np.float64)
+    return pd.DataFrame(columns, columns=list(MODEL_COLUMNS), copy=False)
+
+
+_ALLOWED: dict[str, frozenset[str]] = {
+    name: frozenset(values) for name, values in CATEGORIES.items()
+}
+
+
+def _number(value: Any) -> float:
+    """A float, or NaN for missing or non-numeric values (stored data may be messy)."""
+    if value is None:
+        return np.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return np.nan

@@ -35,3 +35,28 @@ def test_tampered_artifact_is_refused(small_config: AppConfig, tmp_path: Path) -
 def test_missing_metadata_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="cannot read"):
         read_metadata(tmp_path)
+
+
+def test_serving_frame_matches_the_training_frame(small_config: AppConfig) -> None:
+    """No training/serving skew: rows as the store returns them score like training rows."""
+    import asyncio
+
+    import numpy as np
+
+    from serve_app.datagen import generate_entities, generate_requests
+    from serve_app.feature_store import open_store
+
+    loaded = load_artifact(Path(small_config.artifacts.model_dir))
+    entities = generate_entities(small_config.artifacts.n_entities, small_config.artifacts.seed)
+    ids = list(entities.index[:50])
+    requests = generate_requests(50, np.random.default_rng(0))
+    training_like = entities.loc[ids].reset_index(drop=True).join(requests)[list(MODEL_COLUMNS)]
+    stored = asyncio.run(open_store(small_config.store.url).get_many(ids))
+    contexts = [
+        {k: (None if v is None or v != v else v) for k, v in row.items()}
+        for row in requests.to_dict("records")
+    ]
+    serving = build_frame([stored[i] for i in ids], contexts)
+    np.testing.assert_allclose(
+        loaded.pipeline.predict_proba(serving), loaded.pipeline.predict_proba(training_like)
+    )

@@ -37,7 +37,10 @@ def test_max_ongoing_requests_does_not_cap_batches(path: Path) -> None:
         deployments = {d["name"]: d for d in application["deployments"]}
         model = deployments["Model"]
         concurrent_batches = 2  # serve_app.model: @serve.batch(max_concurrent_batches=2)
-        assert model["max_ongoing_requests"] >= model["user_config"]["max_batch_size"] * concurrent_batches
+        assert (
+            model["max_ongoing_requests"]
+            >= model["user_config"]["max_batch_size"] * concurrent_batches
+        )
         ingress = deployments["Ingress"]
         assert ingress["max_ongoing_requests"] >= ingress["user_config"]["coalesce_max_batch_size"]
 
