@@ -270,16 +270,17 @@ def test_job_worker_scales_out_on_queue_depth(serve_app: ServeApp) -> None:
     """The custom autoscaling metric: queue depth 6 at 2 jobs per replica asks for max (2)."""
     from ray import serve
 
-    jobs = [submit(serve_app, {"items": items(20_000, 1_000 * i)}).json() for i in range(6)]
+    jobs = [submit(serve_app, {"items": items(50_000, 1_000 * i)}).json() for i in range(6)]
     try:
         deadline = time.monotonic() + 90
-        replicas = 0
+        replicas, deepest = 0, 0
         while time.monotonic() < deadline and replicas < 2:
             deployment = serve.status().applications[APP_NAME].deployments["JobWorker"]
             replicas = deployment.replica_states.get("RUNNING", 0)
+            deepest = max(deepest, serve_app.stats()["job_worker"]["depth"])
             time.sleep(1)
+        assert deepest >= 3, "the queue never looked deep to the worker"
         assert replicas == 2
-        assert serve_app.stats()["job_worker"]["depth"] >= 1
     finally:
         for job in jobs:
             serve_app.client.post(f"/v1/jobs/{job['id']}/cancel")
