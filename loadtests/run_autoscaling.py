@@ -108,10 +108,21 @@ def run_locust(url: str, out: Path, args: argparse.Namespace, api_key: str) -> i
     }
     deadline = total_duration(args.shape, args.scale) + 60
     command = [
-        sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"),
-        "--headless", "--host", url, "--csv", str(out / "locust"), "--csv-full-history",
-        "--only-summary", "--loglevel", "WARNING",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(ROOT / "loadtests" / "locustfile.py"),
+        "--headless",
+        "--host",
+        url,
+        "--csv",
+        str(out / "locust"),
+        "--csv-full-history",
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+    ]
     with (out / "locust.log").open("w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -135,15 +146,17 @@ def read_history(out: Path) -> list[dict[str, Any]]:
                 value = row.get(key, "")
                 return float(value) if value not in ("", "N/A") else float("nan")
 
-            rows.append({
-                "timestamp": float(row["Timestamp"]),
-                "users": number("User Count"),
-                "rps": number("Requests/s"),
-                "p50_ms": number("50%"),
-                "p99_ms": number("99%"),
-                "requests": number("Total Request Count"),
-                "failures": number("Total Failure Count"),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "timestamp": float(row["Timestamp"]),
+                    "users": number("User Count"),
+                    "rps": number("Requests/s"),
+                    "p50_ms": number("50%"),
+                    "p99_ms": number("99%"),
+                    "requests": number("Total Request Count"),
+                    "failures": number("Total Failure Count"),
+                }
+            )
     # locust's own Requests/s is a sliding window that freezes when traffic stops;
     # the difference of the running total is what was really served each second
     for previous, row in itertools.pairwise(rows):
@@ -153,8 +166,9 @@ def read_history(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def analyse(samples: list[tuple[float, dict[str, int]]], load_start: float, load_end: float
-            ) -> dict[str, dict[str, Any]]:  # fmt: skip
+def analyse(
+    samples: list[tuple[float, dict[str, int]]], load_start: float, load_end: float
+) -> dict[str, dict[str, Any]]:
     """Per deployment: initial and peak replicas, time to scale up, and the end state."""
     report: dict[str, dict[str, Any]] = {}
     names = sorted({name for _, counts in samples for name in counts})
@@ -176,8 +190,12 @@ def analyse(samples: list[tuple[float, dict[str, int]]], load_start: float, load
     return report
 
 
-def write_outputs(out: Path, history: list[dict[str, Any]],
-                  samples: list[tuple[float, dict[str, int]]], offset: float) -> None:  # fmt: skip
+def write_outputs(
+    out: Path,
+    history: list[dict[str, Any]],
+    samples: list[tuple[float, dict[str, int]]],
+    offset: float,
+) -> None:
     """timeline.csv and autoscaling.png on one time axis (seconds since the app was up)."""
     import matplotlib
 
@@ -190,8 +208,17 @@ def write_outputs(out: Path, history: list[dict[str, Any]],
         writer.writerow(["t_s", "source", "users", "rps", "p50_ms", "p99_ms", *names])
         for row in history:
             t = row["timestamp"] - offset
-            writer.writerow([f"{t:.1f}", "locust", row["users"], row["rps"], row["p50_ms"],
-                             row["p99_ms"], *[""] * len(names)])  # fmt: skip
+            writer.writerow(
+                [
+                    f"{t:.1f}",
+                    "locust",
+                    row["users"],
+                    row["rps"],
+                    row["p50_ms"],
+                    row["p99_ms"],
+                    *[""] * len(names),
+                ]
+            )
         for t, counts in samples:
             writer.writerow(
                 [f"{t:.1f}", "serve", "", "", "", "", *[counts.get(n, 0) for n in names]]
@@ -208,8 +235,9 @@ def write_outputs(out: Path, history: list[dict[str, Any]],
     axes[2].set_ylabel("latency (ms)")
     axes[2].legend()
     for name in names:
-        axes[3].step([t for t, _ in samples], [c.get(name, 0) for _, c in samples], where="post",
-                     label=name)  # fmt: skip
+        axes[3].step(
+            [t for t, _ in samples], [c.get(name, 0) for _, c in samples], where="post", label=name
+        )
     axes[3].set_ylabel("replicas")
     axes[3].set_xlabel("seconds")
     axes[3].legend()
@@ -219,8 +247,13 @@ def write_outputs(out: Path, history: list[dict[str, Any]],
     plt.close(fig)
 
 
-def summarise(out: Path, args: argparse.Namespace, report: dict[str, dict[str, Any]],
-              history: list[dict[str, Any]], verdict: list[str]) -> str:  # fmt: skip
+def summarise(
+    out: Path,
+    args: argparse.Namespace,
+    report: dict[str, dict[str, Any]],
+    history: list[dict[str, Any]],
+    verdict: list[str],
+) -> str:
     last = history[-1] if history else {"requests": 0, "failures": 0}
     loaded = [r for r in history if r["users"] > 0]
     peak_rps = max((r["rps"] for r in loaded), default=0.0)
@@ -238,8 +271,10 @@ def summarise(out: Path, args: argparse.Namespace, report: dict[str, dict[str, A
     ]
     for name, row in report.items():
         up = "-" if row["time_to_scale_up_s"] is None else f"{row['time_to_scale_up_s']} s"
-        lines.append(f"| {name} | {row['initial']} | {row['peak']} | {row['final']} | {up} | "
-                     f"{'yes' if row['scaled_down'] else 'no'} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {row['initial']} | {row['peak']} | {row['final']} | {up} | "
+            f"{'yes' if row['scaled_down'] else 'no'} |"
+        )
     lines += ["", "Verdict: " + ("PASS" if not verdict else "FAIL: " + "; ".join(verdict)), ""]
     text = "\n".join(lines)
     (out / "summary.md").write_text(text)
@@ -256,8 +291,9 @@ def verdict_of(report: dict[str, dict[str, Any]], history: list[dict[str, Any]])
     risen = [name for name, row in report.items() if row["scaled_up"]]
     if not risen:
         problems.append("no deployment scaled up under load")
-    problems += [f"{name} did not scale back down" for name in risen
-                 if not report[name]["scaled_down"]]  # fmt: skip
+    problems += [
+        f"{name} did not scale back down" for name in risen if not report[name]["scaled_down"]
+    ]
     return problems
 
 

@@ -86,12 +86,16 @@ def create_app(mode: str, model_dir: Path, feature_api: str) -> FastAPI:
         if mode == "normal":
             rows = [fetch_item_data(item.entity_id) for item in items]  # one after the other
             scores = predict(rows, items)
-            return {"results": [answer(i, r, s) for i, r, s in zip(items, rows, scores, strict=True)]}
+            return {
+                "results": [answer(i, r, s) for i, r, s in zip(items, rows, scores, strict=True)]
+            }
         unique = list({item.cache_key(): item for item in items}.values())  # dedupe
         rows = await fetch_concurrently([item.entity_id for item in unique])
         scores = predict(rows, unique)  # one predict for the whole request
-        by_key = {item.cache_key(): answer(item, row, score)
-                  for item, row, score in zip(unique, rows, scores, strict=True)}  # fmt: skip
+        by_key = {
+            item.cache_key(): answer(item, row, score)
+            for item, row, score in zip(unique, rows, scores, strict=True)
+        }
         return {"results": [by_key[item.cache_key()] for item in items]}
 
     return app

@@ -11,8 +11,12 @@ from serve_app.config import AppConfig
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the load test first: it starts its own Ray, before the session cluster exists."""
-    items.sort(key=lambda item: 0 if "tests/loadtests/" in str(item.path) else 1)
+    """Run tests that start their own Ray first, before the session cluster exists.
+
+    A second local cluster would share the 2 cores, and `ray.init()` inside `serve run`
+    could attach to the session's cluster instead of starting its own.
+    """
+    items.sort(key=lambda item: 0 if item.get_closest_marker("own_ray") else 1)
 
 
 @pytest.fixture(scope="session")

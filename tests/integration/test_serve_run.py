@@ -20,7 +20,7 @@ import yaml
 
 from tests.integration.conftest import API_KEY, SERVE_ENV, free_port, load_test_config, wait_ready
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.own_ray]
 
 
 def session_processes(sid: int) -> list[int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.own_ray]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,9 +21,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_spike_scales_up_and_down_without_failures(tmp_path: Path) -> None:
     out = tmp_path / "run"
     command = [
-        sys.executable, str(ROOT / "loadtests" / "run_autoscaling.py"),
-        "--shape", "spike", "--scale", "0.5", "--out", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "loadtests" / "run_autoscaling.py"),
+        "--shape",
+        "spike",
+        "--scale",
+        "0.5",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     summary = (out / "summary.md").read_text() if (out / "summary.md").exists() else ""
     assert result.returncode == 0, f"{summary}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -1,0 +1,186 @@
+"""Queued jobs against the batch endpoint, measured in one run.
+
+    python loadtests/bench_jobs.py [--items 10000] [--chunk 1000]
+
+Starts the app from configs/config.yaml on a local Ray (throughput mode, files in a temp
+dir) and a webhook receiver on loopback, then scores the same number of fresh items
+(different ids in each case, random context, so no cache helps either side):
+
+* as one job through ``POST /v1/jobs`` with a callback: items/s from the POST to the
+  signed webhook's arrival, and the time from POST to webhook;
+* through ``POST /v1/predict/batch`` in sequential chunks of ``--chunk`` items.
+
+Prints a markdown table and writes it to loadtests/results/bench_jobs.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import secrets
+import socket
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serve_app.launch import THROUGHPUT_ENV, deploy_config, wait_ready  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def fresh_items(start: int, n: int, rng: random.Random) -> list[dict[str, Any]]:
+    channels = ["web", "app", "store"]
+    return [
+        {
+            "entity_id": f"E{(start + i) % 100_000:07d}",
+            "context": {
+                "amount": round(rng.uniform(1, 500), 2),
+                "hour": rng.randrange(24),
+                "channel": rng.choice(channels),
+            },
+        }
+        for i in range(n)
+    ]
+
+
+class WebhookClock(BaseHTTPRequestHandler):
+    arrivals: dict[str, float] = {}
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        job_id = json.loads(body)["data"]["id"]
+        WebhookClock.arrivals[job_id] = time.perf_counter()
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+def start_app(workdir: Path, api_key: str) -> str:
+    import ray
+
+    os.environ.update(
+        {
+            **THROUGHPUT_ENV,
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+            "SERVE_APP_API_KEYS": api_key,
+            "SERVE_APP_WEBHOOK_SECRET": "whsec_"
+            + base64.b64encode(secrets.token_bytes(32)).decode(),
+        }
+    )
+    config = yaml.safe_load((ROOT / "configs" / "config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args["artifacts"]["model_dir"] = str(workdir / "model")
+    args["store"]["url"] = f"sqlite:///{workdir / 'features.db'}"
+    args["auth"]["keys_file"] = None
+    args["jobs"]["queue_url"] = f"sqlite:///{workdir / 'jobs.db'}"
+    args["jobs"]["webhooks"].update(secret_file=None, allowed_hosts=["127.0.0.1"])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    deploy_config(config)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    return url
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=10_000)
+    parser.add_argument("--chunk", type=int, default=1_000)
+    args = parser.parse_args()
+    rng = random.Random(7)
+    api_key = "bench-" + secrets.token_urlsafe(24)
+    receiver = ThreadingHTTPServer(("127.0.0.1", free_port()), WebhookClock)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+
+    import ray
+    from ray import serve
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="serve_app-jobs-") as workdir:
+            url = start_app(Path(workdir), api_key)
+            client = httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120
+            )
+            client.post("/v1/predict/batch", json={"items": fresh_items(90_000, 200, rng)})  # warm
+
+            items = fresh_items(0, args.items, rng)
+            started = time.perf_counter()
+            job = client.post("/v1/jobs", json={"items": items, "callback_url": hook}).json()
+            accepted = time.perf_counter() - started
+            while job["id"] not in WebhookClock.arrivals:
+                if time.perf_counter() - started > 600:
+                    raise TimeoutError("no webhook after 600 s")
+                time.sleep(0.05)
+            to_webhook = WebhookClock.arrivals[job["id"]] - started
+            status = client.get(f"/v1/jobs/{job['id']}").json()
+
+            items = fresh_items(args.items, args.items, rng)
+            started = time.perf_counter()
+            failed = 0
+            for start in range(0, len(items), args.chunk):
+                body = client.post(
+                    "/v1/predict/batch", json={"items": items[start : start + args.chunk]}
+                ).json()
+                failed += body["summary"]["failed"]
+            batch_s = time.perf_counter() - started
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        receiver.shutdown()
+
+    rows = [
+        (
+            "job via /v1/jobs (POST -> webhook)",
+            args.items / to_webhook,
+            to_webhook,
+            f"202 in {accepted * 1000:.0f} ms; state {status['state']}, "
+            f"{status['progress']['failed']} failed",
+        ),
+        (
+            f"/v1/predict/batch, {args.items // args.chunk} sequential chunks of {args.chunk}",
+            args.items / batch_s,
+            batch_s,
+            f"{failed} failed",
+        ),
+    ]
+    lines = [
+        f"## bench_jobs: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{os.cpu_count()} cores, {args.items} fresh items each",
+        "",
+        "| path | items/s | seconds | notes |",
+        "|---|---|---|---|",
+        *[f"| {name} | {rate:,.0f} | {secs:.2f} | {note} |" for name, rate, secs, note in rows],
+        "",
+        f"Jobs / batch endpoint: {rows[0][1] / rows[1][1]:.2f}x items/s.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    out = ROOT / "loadtests" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_jobs.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
