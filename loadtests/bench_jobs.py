@@ -21,7 +21,6 @@ import json
 import os
 import random
 import secrets
-import socket
 import sys
 import tempfile
 import threading
@@ -31,18 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serve_app.launch import THROUGHPUT_ENV, deploy_config, wait_ready  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from serve_app.launch import (  # noqa: E402
+    THROUGHPUT_ENV,
+    deploy_config,
+    free_port,
+    local_config,
+    wait_ready,
+)
 
 
 def fresh_items(start: int, n: int, rng: random.Random) -> list[dict[str, Any]]:
@@ -86,15 +84,10 @@ def start_app(workdir: Path, api_key: str) -> str:
             + base64.b64encode(secrets.token_bytes(32)).decode(),
         }
     )
-    config = yaml.safe_load((ROOT / "configs" / "config.yaml").read_text())
     port = free_port()
-    config["http_options"]["port"] = port
+    config = local_config(ROOT / "configs" / "config.yaml", workdir, port)
     args = config["applications"][0]["args"]
-    args["artifacts"]["model_dir"] = str(workdir / "model")
-    args["store"]["url"] = f"sqlite:///{workdir / 'features.db'}"
-    args["auth"]["keys_file"] = None
-    args["jobs"]["queue_url"] = f"sqlite:///{workdir / 'jobs.db'}"
-    args["jobs"]["webhooks"].update(secret_file=None, allowed_hosts=["127.0.0.1"])
+    args["jobs"]["webhooks"]["allowed_hosts"] = ["127.0.0.1"]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     deploy_config(config)
     url = f"http://127.0.0.1:{port}"

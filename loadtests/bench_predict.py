@@ -34,7 +34,6 @@ import platform
 import resource
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,9 +44,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serve_app.launch import deploy_config, free_port, local_config, wait_ready  # noqa: E402
+
 LOADTESTS = ROOT / "loadtests"
 LUA_SCRIPT = LOADTESTS / "wrk_post.lua"
 CONFIG_YAML = ROOT / "configs" / "config.yaml"
@@ -55,12 +57,6 @@ RESULTS = LOADTESTS / "results" / "bench_predict.md"
 APP_NAME = "serve_app"
 DEPLOYMENTS = ("Ingress", "Model", "FeatureFetcher")
 COUNTERS = ("batches", "requests", "items", "unique_items")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---- what is measured ------------------------------------------------------------------
@@ -218,53 +214,8 @@ def serve_environment(workdir: Path, api_key: str) -> dict[str, str]:
 
 def serve_config(model_dir: Path, sqlite: Path, port: int) -> dict[str, Any]:
     """configs/config.yaml with its files in the temp dir and HTTP on a free port."""
-    config = yaml.safe_load(CONFIG_YAML.read_text())
-    config["http_options"]["port"] = port
-    args = config["applications"][0]["args"]
-    args["artifacts"]["model_dir"] = str(model_dir)
-    args["store"]["url"] = f"sqlite:///{sqlite}"
-    args["auth"]["keys_file"] = None
-    if "jobs" in args:  # the job queue and its webhook secret: temp dir and env, too
-        args["jobs"]["queue_url"] = f"sqlite:///{model_dir.parent / 'jobs.db'}"
-        args["jobs"].setdefault("webhooks", {})["secret_file"] = None
-    return config
-
-
-def deploy(config: dict[str, Any], timeout_s: float = 240) -> None:
-    """Apply the config as ``serve deploy`` does, and wait for RUNNING."""
-    from ray import serve
-    from ray.serve._private import api as serve_api
-    from ray.serve.schema import ServeDeploySchema
-
-    schema = ServeDeploySchema.model_validate(config)
-    client = serve_api.serve_start(
-        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
-    )
-    client.deploy_apps(schema)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP_NAME)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"deploy failed: {status.message}")
-        time.sleep(0.5)
-    raise TimeoutError(f"{APP_NAME} not RUNNING after {timeout_s}s")
-
-
-def wait_ready(base_url: str, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"{base_url}/readyz", timeout=5)
-            if response.status_code == 200:
-                return
-            last = response.text
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.5)
-    raise TimeoutError(f"serve_app not ready: {last}")
+    assert model_dir.parent == sqlite.parent, "model and store share the temp dir"
+    return local_config(CONFIG_YAML, model_dir.parent, port)
 
 
 def replica_counts() -> str:
@@ -622,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             local_ray(serve_environment(workdir, api_key)),
             baseline_server(workdir / "model", workdir / "features.db", workdir) as baseline_url,
         ):
-            deploy(config)
+            deploy_config(config, timeout_s=240)
             serve_url = f"http://127.0.0.1:{config['http_options']['port']}"
             wait_ready(serve_url)
             print(f"serve_app up on {serve_url}", flush=True)

@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -38,6 +36,8 @@ from loadtests.stages import total_duration  # noqa: E402
 from serve_app.launch import (  # noqa: E402
     THROUGHPUT_ENV,
     deploy_config,
+    free_port,
+    local_config,
     replica_counts,
     wait_ready,
 )
@@ -73,22 +73,11 @@ class Sampler:
 
 def start_local_app(config_path: Path, workdir: Path, api_key: str) -> str:
     """Start Ray and deploy ``config_path`` with files under ``workdir``; return the URL."""
-    import socket
-
     import ray
 
     os.environ.update({**THROUGHPUT_ENV, **FAST_METRICS_ENV, "SERVE_APP_API_KEYS": api_key})
-    config = yaml.safe_load(config_path.read_text())
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config["http_options"]["port"] = port
-    args = config["applications"][0]["args"]
-    args["artifacts"]["model_dir"] = str(workdir / "model")
-    args["store"]["url"] = f"sqlite:///{workdir / 'features.db'}"
-    args["auth"]["keys_file"] = None
-    args["jobs"]["queue_url"] = f"sqlite:///{workdir / 'jobs.db'}"
-    args["jobs"]["webhooks"]["secret_file"] = None
+    port = free_port()
+    config = local_config(config_path, workdir, port)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"deploying {config_path.name} on a local Ray ...", flush=True)
     deploy_config(config)

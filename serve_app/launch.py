@@ -6,10 +6,13 @@ them run exactly what the YAML describes (same builder, same deployment options)
 
 from __future__ import annotations
 
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 # Environment for Ray Serve's throughput-optimised mode with HAProxy; must be set before
 # Ray starts (its processes inherit it).
@@ -65,3 +68,27 @@ def replica_counts(app_name: str) -> dict[str, int]:
     if app is None:
         return {}
     return {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for tests, benchmarks and load tests)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def local_config(config_path: Path, workdir: Path, port: int) -> dict[str, Any]:
+    """A Serve YAML with every file of the app under ``workdir`` and HTTP on ``port``.
+
+    Keys and the webhook secret then come only from the environment
+    (``SERVE_APP_API_KEYS``, ``SERVE_APP_WEBHOOK_SECRET``).
+    """
+    config = yaml.safe_load(config_path.read_text())
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args["artifacts"]["model_dir"] = str(workdir / "model")
+    args["store"]["url"] = f"sqlite:///{workdir / 'features.db'}"
+    args["auth"]["keys_file"] = None
+    args["jobs"]["queue_url"] = f"sqlite:///{workdir / 'jobs.db'}"
+    args["jobs"]["webhooks"]["secret_file"] = None
+    return config

@@ -11,16 +11,14 @@ import base64
 import copy
 import os
 import secrets
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from serve_app.launch import THROUGHPUT_ENV, deploy_config, wait_ready
+from serve_app.launch import THROUGHPUT_ENV, deploy_config, free_port, local_config, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_NAME = "serve_app"
@@ -38,27 +36,15 @@ SERVE_ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def load_test_config(workdir: Path, port: int) -> dict[str, Any]:
     """configs/config.yaml with files under ``workdir`` and HTTP on ``port``."""
-    config = yaml.safe_load((ROOT / "configs" / "config.yaml").read_text())
-    config["http_options"]["port"] = port
+    config = local_config(ROOT / "configs" / "config.yaml", workdir, port)
     args = config["applications"][0]["args"]
-    args["artifacts"]["model_dir"] = str(workdir / "model")
-    args["store"]["url"] = f"sqlite:///{workdir / 'features.db'}"
-    args["auth"]["keys_file"] = None
     jobs = args["jobs"]
-    jobs["queue_url"] = f"sqlite:///{workdir / 'jobs.db'}"
     jobs["lease_s"] = 3  # a killed worker's job is claimed again within seconds
     jobs["chunk_size"] = 250
     webhooks = jobs["webhooks"]
     webhooks.update(
-        secret_file=None,
         allowed_hosts=["127.0.0.1"],  # the test's receiver is on loopback
         timeout_s=2,
         max_attempts=4,
