@@ -543,19 +543,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def make_cases(batch_size: int) -> list[Case]:
+    """The two request shapes every benchmark drives: one entity, and a batch."""
+    return [
+        Case("predict (1 entity)", "/v1/predict", 0),
+        Case(f"predict/batch ({batch_size} entities)", "/v1/predict/batch", batch_size),
+    ]
+
+
+def noise_notes() -> list[str]:
+    """What else loads the machine at the start: the load average and other raylets."""
+    notes = [", ".join(f"{x:.2f}" for x in os.getloadavg())]
+    others = subprocess.run(["pgrep", "-x", "raylet"], capture_output=True, text=True).stdout
+    if others.split():
+        notes.append(f"other raylets were running at start (pids {others.split()}): noisy run")
+    return notes
+
+
 def main(argv: list[str] | None = None) -> int:
     from serve_app.build import build_artifacts
     from serve_app.config import AppConfig
 
     args = parse_args(argv)
-    cases = [
-        Case("predict (1 entity)", "/v1/predict", 0),
-        Case(f"predict/batch ({args.batch_size} entities)", "/v1/predict/batch", args.batch_size),
-    ]
-    notes = [", ".join(f"{x:.2f}" for x in os.getloadavg())]
-    others = subprocess.run(["pgrep", "-x", "raylet"], capture_output=True, text=True).stdout
-    if others.split():
-        notes.append(f"other raylets were running at start (pids {others.split()}): noisy run")
+    cases = make_cases(args.batch_size)
+    notes = noise_notes()
     api_key = "bench-" + secrets.token_urlsafe(24)
     seed = secrets.randbelow(1_000_000)
     results: list[Result] = []

@@ -81,15 +81,7 @@ end
 # ---- what is measured ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    path: str
-    batch: int  # 0: a /v1/predict body; k: a /v1/predict/batch body of k items
-
-    @property
-    def items_per_request(self) -> int:
-        return max(1, self.batch)
+Case = bp.Case
 
 
 @dataclass(frozen=True)
@@ -571,14 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     from serve_app.launch import deploy_config, wait_ready
 
     args = parse_args(argv)
-    cases = [
-        Case("predict (1 entity)", "/v1/predict", 0),
-        Case(f"predict/batch ({args.batch_size} entities)", "/v1/predict/batch", args.batch_size),
-    ]
-    notes = [", ".join(f"{x:.2f}" for x in os.getloadavg())]
-    others = subprocess.run(["pgrep", "-x", "raylet"], capture_output=True, text=True).stdout
-    if others.split():
-        notes.append(f"other raylets were running at start (pids {others.split()}): noisy run")
+    cases = bp.make_cases(args.batch_size)
+    notes = bp.noise_notes()
     api_key = "bench-" + secrets.token_urlsafe(24)
     began = time.perf_counter()
 
