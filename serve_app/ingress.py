@@ -358,7 +358,7 @@ class Ingress:
                 items.append(parse_item(raw).to_item())
             except InvalidInput as exc:
                 items.append(None)
-                rejected[index] = {"error": exc.to_dict()}
+                rejected[index] = {"ok": False, "error": exc.to_dict()}
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         try:
             job, created = await asyncio.to_thread(

@@ -166,7 +166,7 @@ class JobWorker:
                 break
             scored = await self._model.score.remote([item for _, item in pending])
             results = [
-                (idx, r if "error" in r else {**r, "entity_id": item["entity_id"]})
+                (idx, {"ok": "error" not in r, "entity_id": item["entity_id"], **r})
                 for (idx, item), r in zip(pending, scored["results"], strict=True)
             ]
             kept = await asyncio.to_thread(

@@ -122,8 +122,10 @@ def test_job_runs_and_signed_webhook_arrives_once(serve_app: ServeApp, receiver:
     assert done["progress"] == {"done": 302, "total": 302, "failed": 2}
     results = all_results(serve_app, job["id"])
     assert [r["index"] for r in results] == list(range(302))
-    assert results[300]["error"]["code"] == "invalid_input"
+    assert results[300]["error"]["code"] == "invalid_input" and results[300]["ok"] is False
     assert results[301]["error"]["code"] == "unknown_entity"
+    assert results[301]["entity_id"] == "E9999999"
+    assert all(r["ok"] for r in results[:300])
     assert all(0 <= r["score"] <= 1 for r in results[:300])
     single = serve_app.client.post("/v1/predict", json={"entity_id": "E0001000"}).json()
     assert results[0]["score"] == single["score"]
