@@ -69,6 +69,8 @@ class LimitsConfig(_Strict):
     max_batch_items: int = Field(1_000, ge=1, le=100_000)
     max_body_bytes: int = Field(2_000_000, ge=1_024)
     request_timeout_s: float = Field(10.0, gt=0)
+    # per Ingress replica; keep it below the Ingress's max_ongoing_requests
+    max_inflight_requests: int = Field(200, ge=1)
 
 
 class WebhookConfig(_Strict):

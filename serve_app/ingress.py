@@ -17,6 +17,8 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
@@ -147,6 +149,7 @@ class Ingress:
         cache = self._config.prediction_cache
         self._cache = PredictionCache(cache.maxsize, cache.ttl_s, enabled=cache.enabled)
         self._version: str | None = None
+        self._inflight = 0
         tuning = IngressTuning()
         self._coalescer: Coalescer[Item, tuple[str, ItemResult]] = Coalescer(
             self._score_list,
@@ -160,6 +163,20 @@ class Ingress:
         self._coalescer.configure(
             tuning.coalesce_max_batch_size, tuning.coalesce_wait_s, tuning.coalesce_max_in_flight
         )
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Admission control: past ``limits.max_inflight_requests`` answer 503 at once.
+
+        Shedding load early with ``Retry-After`` beats queueing until every caller times out.
+        """
+        if self._inflight >= self._config.limits.max_inflight_requests:
+            raise Overloaded("too many requests in progress; retry shortly")
+        self._inflight += 1
+        try:
+            yield
+        finally:
+            self._inflight -= 1
 
     # ---- the hop to the Model -------------------------------------------------------
 
@@ -227,17 +244,23 @@ class Ingress:
     async def predict(self, request: Request, credentials: Credentials) -> dict[str, Any]:
         """Score one entity, with optional request-time context."""
         self._auth.require(credentials.credentials if credentials else None)
-        body = await read_json_body(request, self._config.limits.max_body_bytes)
-        item = parse_item(body)
-        hit = self._cache.get((self._version, *item.cache_key()))
-        if hit is not None:
-            return {**hit, "cached": True}
-        version, result = await self._coalescer.submit(item.to_item())
-        if "error" in result:
-            raise item_error(result["error"])
-        answer = {"entity_id": item.entity_id, "model_version": version, "cached": False, **result}
-        self._cache.put((version, *item.cache_key()), answer)
-        return answer
+        with self._admitted():
+            body = await read_json_body(request, self._config.limits.max_body_bytes)
+            item = parse_item(body)
+            hit = self._cache.get((self._version, *item.cache_key()))
+            if hit is not None:
+                return {**hit, "cached": True}
+            version, result = await self._coalescer.submit(item.to_item())
+            if "error" in result:
+                raise item_error(result["error"])
+            answer = {
+                "entity_id": item.entity_id,
+                "model_version": version,
+                "cached": False,
+                **result,
+            }
+            self._cache.put((version, *item.cache_key()), answer)
+            return answer
 
     @app.post(
         "/v1/predict/batch",
@@ -250,21 +273,26 @@ class Ingress:
     async def predict_batch(self, request: Request, credentials: Credentials) -> dict[str, Any]:
         """Score many items. Results come in input order; each is a score or an error."""
         self._auth.require(credentials.credentials if credentials else None)
-        body = await read_json_body(request, self._config.limits.max_body_bytes)
-        try:
-            raw_items = BatchRequest.model_validate(body).items
-        except ValidationError as exc:
-            raise InvalidInput('body must be {"items": [...]}', validation_details(exc)) from exc
-        limit = self._config.limits.max_batch_items
-        if not raw_items:
-            raise InvalidInput("items is empty; send at least one item", [{"type": "empty_batch"}])
-        if len(raw_items) > limit:
-            raise InvalidInput(
-                f"{len(raw_items)} items exceed the limit of {limit} per request "
-                "(use /v1/jobs for more)",
-                [{"type": "too_many_items", "limit": limit}],
-            )
-        return await self._score_batch(raw_items)
+        with self._admitted():
+            body = await read_json_body(request, self._config.limits.max_body_bytes)
+            try:
+                raw_items = BatchRequest.model_validate(body).items
+            except ValidationError as exc:
+                raise InvalidInput(
+                    'body must be {"items": [...]}', validation_details(exc)
+                ) from exc
+            limit = self._config.limits.max_batch_items
+            if not raw_items:
+                raise InvalidInput(
+                    "items is empty; send at least one item", [{"type": "empty_batch"}]
+                )
+            if len(raw_items) > limit:
+                raise InvalidInput(
+                    f"{len(raw_items)} items exceed the limit of {limit} per request "
+                    "(use /v1/jobs for more)",
+                    [{"type": "too_many_items", "limit": limit}],
+                )
+            return await self._score_batch(raw_items)
 
     async def _score_batch(self, raw_items: list[Any]) -> dict[str, Any]:
         """Validate each item, dedupe, serve cache hits, send the misses in one hop."""
@@ -328,51 +356,56 @@ class Ingress:
     ) -> JSONResponse:
         """Queue items for scoring now, read results later (poll or webhook)."""
         owner = self._auth.require(credentials.credentials if credentials else None)
-        queue = self._job_queue()
-        jobs = self._config.jobs
-        body = await read_json_body(request, jobs.max_body_bytes)
-        try:
-            job_request = JobRequest.model_validate(body)
-        except ValidationError as exc:
-            raise InvalidInput('body must be {"items": [...]}', validation_details(exc)) from exc
-        raw_items = job_request.items
-        if not raw_items:
-            raise InvalidInput("items is empty; send at least one item", [{"type": "empty_batch"}])
-        if len(raw_items) > jobs.max_items:
-            raise InvalidInput(
-                f"{len(raw_items)} items exceed the job limit of {jobs.max_items}",
-                [{"type": "too_many_items", "limit": jobs.max_items}],
-            )
-        callback = job_request.callback_url
-        if callback is not None:
-            await asyncio.to_thread(check_callback_url, callback, jobs.webhooks)
-            if self._webhook_secret is None:
-                raise InvalidInput(
-                    "webhooks are not configured on this service (no signing secret)",
-                    [{"type": "webhooks_not_configured"}],
-                )
-        items: list[dict[str, Any] | None] = []
-        rejected: dict[int, dict[str, Any]] = {}
-        for index, raw in enumerate(raw_items):
+        with self._admitted():
+            queue = self._job_queue()
+            jobs = self._config.jobs
+            body = await read_json_body(request, jobs.max_body_bytes)
             try:
-                items.append(parse_item(raw).to_item())
-            except InvalidInput as exc:
-                items.append(None)
-                rejected[index] = {"ok": False, "error": exc.to_dict()}
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        try:
-            job, created = await asyncio.to_thread(
-                queue.create, owner, items, rejected, callback, idempotency_key, digest
-            )
-        except IdempotencyConflict as exc:
-            raise Conflict(
-                "this Idempotency-Key was already used with a different body",
-                [{"type": "idempotency_key_reused"}],
-            ) from exc
-        headers = {"Location": f"/v1/jobs/{job.id}"}
-        if not created:
-            headers["Idempotent-Replayed"] = "true"
-        return JSONResponse(job.public(), status_code=202, headers=headers)
+                job_request = JobRequest.model_validate(body)
+            except ValidationError as exc:
+                raise InvalidInput(
+                    'body must be {"items": [...]}', validation_details(exc)
+                ) from exc
+            raw_items = job_request.items
+            if not raw_items:
+                raise InvalidInput(
+                    "items is empty; send at least one item", [{"type": "empty_batch"}]
+                )
+            if len(raw_items) > jobs.max_items:
+                raise InvalidInput(
+                    f"{len(raw_items)} items exceed the job limit of {jobs.max_items}",
+                    [{"type": "too_many_items", "limit": jobs.max_items}],
+                )
+            callback = job_request.callback_url
+            if callback is not None:
+                await asyncio.to_thread(check_callback_url, callback, jobs.webhooks)
+                if self._webhook_secret is None:
+                    raise InvalidInput(
+                        "webhooks are not configured on this service (no signing secret)",
+                        [{"type": "webhooks_not_configured"}],
+                    )
+            items: list[dict[str, Any] | None] = []
+            rejected: dict[int, dict[str, Any]] = {}
+            for index, raw in enumerate(raw_items):
+                try:
+                    items.append(parse_item(raw).to_item())
+                except InvalidInput as exc:
+                    items.append(None)
+                    rejected[index] = {"ok": False, "error": exc.to_dict()}
+            digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+            try:
+                job, created = await asyncio.to_thread(
+                    queue.create, owner, items, rejected, callback, idempotency_key, digest
+                )
+            except IdempotencyConflict as exc:
+                raise Conflict(
+                    "this Idempotency-Key was already used with a different body",
+                    [{"type": "idempotency_key_reused"}],
+                ) from exc
+            headers = {"Location": f"/v1/jobs/{job.id}"}
+            if not created:
+                headers["Idempotent-Replayed"] = "true"
+            return JSONResponse(job.public(), status_code=202, headers=headers)
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"], responses=_ERRORS)
     async def get_job(

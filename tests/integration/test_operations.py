@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import APP_NAME, ServeApp
+from tests.integration.conftest import APP_NAME, ServeApp, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -71,3 +71,35 @@ def test_user_config_change_applies_without_restart(serve_app: ServeApp) -> None
     from ray import serve
 
     assert serve.status().applications[APP_NAME].status == "RUNNING"
+
+
+def test_overload_is_shed_with_503_and_retry_after(serve_app: ServeApp) -> None:
+    """Past limits.max_inflight_requests the ingress answers 503 at once, never 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def limit_inflight(value: int) -> Any:
+        def mutate(config: dict[str, Any]) -> None:
+            config["applications"][0]["args"]["limits"]["max_inflight_requests"] = value
+
+        return mutate
+
+    original = serve_app.config["applications"][0]["args"]["limits"]["max_inflight_requests"]
+    serve_app.redeploy(limit_inflight(2))
+    try:
+        wait_ready(serve_app.base_url)
+        items = [{"entity_id": f"E{i:07d}"} for i in range(1_000)]
+
+        def call(_: int) -> httpx.Response:
+            with httpx.Client(base_url=serve_app.base_url, headers=serve_app.auth, timeout=60) as c:
+                return c.post("/v1/predict/batch", json={"items": items})
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            responses = list(pool.map(call, range(16)))
+        statuses = sorted(r.status_code for r in responses)
+        assert set(statuses) <= {200, 503}, statuses
+        assert 200 in statuses and 503 in statuses, statuses
+        shed = next(r for r in responses if r.status_code == 503)
+        assert shed.headers["Retry-After"] and shed.json()["error"]["code"] == "overloaded"
+    finally:
+        serve_app.redeploy(limit_inflight(original))
+        wait_ready(serve_app.base_url)
