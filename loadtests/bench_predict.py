@@ -114,10 +114,10 @@ class Result:
         return errors["connect"] + errors["read"] + errors["write"] + errors["timeout"]
 
 
-def run_wrk(
-    case: Case, target: Target, args: argparse.Namespace, seed: int, seconds: float, token: str
+def wrk_json(
+    url: str, script: Path, script_args: list[str], seconds: float, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """One wrk run; returns the JSON line printed by wrk_post.lua's done()."""
+    """One wrk run; returns the ``BENCH_JSON`` line printed by the Lua script's done()."""
     command = [
         "wrk",
         f"-t{args.threads}",
@@ -127,22 +127,25 @@ def run_wrk(
         "--timeout",
         f"{args.wrk_timeout}s",
         "-s",
-        str(LUA_SCRIPT),
-        target.base_url + case.path,
-        "--",
-        str(target.n_ids),
-        str(case.batch),
-        target.mode,
-        str(seed),
-        token or "-",
+        str(script),
+        url,
+        *(["--", *script_args] if script_args else []),
     ]
-    proc = subprocess.run(
-        command, capture_output=True, text=True, timeout=seconds + 120, check=False
-    )
+    timeout = seconds + args.wrk_timeout + 60
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
-            return json.loads(line.removeprefix("BENCH_JSON "))
+            result: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
+            return result
     raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
+
+
+def run_wrk(
+    case: Case, target: Target, args: argparse.Namespace, seed: int, seconds: float, token: str
+) -> dict[str, Any]:
+    """One wrk run of ``case`` against ``target`` with wrk_post.lua."""
+    script_args = [str(target.n_ids), str(case.batch), target.mode, str(seed), token or "-"]
+    return wrk_json(target.base_url + case.path, LUA_SCRIPT, script_args, seconds, args)
 
 
 # ---- the baseline ----------------------------------------------------------------------

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import random
@@ -127,30 +126,7 @@ class Ceilings:
     healthz: dict[str, Any]  # wrk JSON of GET /healthz
 
 
-def run_wrk(
-    url: str, script: Path, script_args: list[str], seconds: float, args: argparse.Namespace
-) -> dict[str, Any]:
-    """One wrk run; returns the ``BENCH_JSON`` line of the Lua script's done()."""
-    command = [
-        "wrk",
-        f"-t{args.threads}",
-        f"-c{args.connections}",
-        f"-d{max(1, round(seconds))}s",
-        "--latency",
-        "--timeout",
-        f"{args.wrk_timeout}s",
-        "-s",
-        str(script),
-        url,
-        *(["--", *script_args] if script_args else []),
-    ]
-    timeout = seconds + args.wrk_timeout + 60
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith("BENCH_JSON "):
-            result: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
-            return result
-    raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
+run_wrk = bp.wrk_json
 
 
 def post_load(

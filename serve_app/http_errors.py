@@ -137,5 +137,5 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
         raise InvalidInput("request body is empty; send a JSON object", [{"type": "empty_body"}])
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # nesting bombs too
         raise MalformedJson(f"body is not valid JSON: {exc}") from exc

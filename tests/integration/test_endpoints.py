@@ -76,6 +76,9 @@ def test_unknown_entity_is_404(serve_app: ServeApp) -> None:
 BAD_SINGLE = [
     ("malformed json", b'{"entity_id": ', 400, "malformed_json"),
     ("not json at all", b"entity_id=E1", 400, "malformed_json"),
+    ("not utf-8", b'{"entity_id": "\xff\xfe"}', 400, "malformed_json"),
+    ("nesting bomb", b"[" * 200_000 + b"]" * 200_000, 400, "malformed_json"),
+    ("NaN amount", b'{"entity_id": "E1", "context": {"amount": NaN}}', 422, "invalid_input"),
     ("empty body", b"", 422, "invalid_input"),
     ("missing field", b"{}", 422, "invalid_input"),
     ("wrong type", b'{"entity_id": 42}', 422, "invalid_input"),
