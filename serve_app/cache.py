@@ -10,7 +10,8 @@ Each replica runs one event loop, so no locks are needed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, Generic, TypeVar
 
 from cachetools import TLRUCache, TTLCache
@@ -31,9 +32,15 @@ class SingleFlightCache(Generic[K, V]):
 
     _ABSENT: Any = object()
 
-    def __init__(self, maxsize: int, ttl_s: float, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        maxsize: int,
+        ttl_s: float,
+        enabled: bool = True,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.enabled = enabled
-        self._cache: TTLCache[K, Any] = TTLCache(maxsize=maxsize, ttl=ttl_s)
+        self._cache: TTLCache[K, Any] = TTLCache(maxsize=maxsize, ttl=ttl_s, timer=timer)
         self._inflight: dict[K, asyncio.Future[Any]] = {}
         self.hits = 0
         self.misses = 0
@@ -42,18 +49,9 @@ class SingleFlightCache(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._cache)
 
-    def clear(self) -> None:
-        self._cache.clear()
-
-    async def get_many(self, keys: Iterable[K], loader: BulkLoader[K, V]) -> dict[K, V]:
-        """Values for ``keys`` (absent keys left out), loading only what is needed."""
-        found, _ = await self.get_many_counted(keys, loader)
-        return found
-
-    async def get_many_counted(
-        self, keys: Iterable[K], loader: BulkLoader[K, V]
-    ) -> tuple[dict[K, V], int]:
-        """Like :meth:`get_many`, plus how many distinct keys were served from the cache.
+    async def get_many(self, keys: Iterable[K], loader: BulkLoader[K, V]) -> tuple[dict[K, V], int]:
+        """Values for ``keys`` (absent keys left out), loading only what is needed, and
+        how many distinct keys were served from the cache.
 
         The count is this call's own: concurrent calls interleave at every ``await``, so
         differences of the shared counters would mix their hits up.
@@ -117,10 +115,16 @@ class PredictionCache:
     does not linger in the cache after the store comes back.
     """
 
-    def __init__(self, maxsize: int, ttl_s: float, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        maxsize: int,
+        ttl_s: float,
+        enabled: bool = True,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.enabled = enabled
         self._cache: TLRUCache[Hashable, dict[str, Any]] = TLRUCache(
-            maxsize=maxsize, ttu=_ttl_for(ttl_s)
+            maxsize=maxsize, ttu=_ttl_for(ttl_s), timer=timer
         )
         self.hits = 0
         self.misses = 0
@@ -138,6 +142,3 @@ class PredictionCache:
     def put(self, key: Hashable, value: dict[str, Any]) -> None:
         if self.enabled and not value.get("degraded") and "error" not in value:
             self._cache[key] = value
-
-    def get_many(self, keys: Sequence[Hashable]) -> list[dict[str, Any] | None]:
-        return [self.get(key) for key in keys]

@@ -1,61 +1,101 @@
-"""Typed configuration, validated at start-up.
+"""Typed configuration, validated at start-up, and where the YAML is read.
 
-The Serve YAML is the single source of truth. Two kinds of settings live there:
+The Serve YAML is the single source of truth; the defaults of every setting live here,
+once, so a YAML says only what differs. Two kinds of settings:
 
 * ``args`` of the application -> :class:`AppConfig`. Structural settings (paths, store,
   auth, limits); changing them redeploys the application.
 * ``user_config`` of a deployment -> the ``*Tuning`` models. Knobs that replicas apply
   in place through ``reconfigure()`` without restarting (batch size and wait, cache TTLs).
+  Serve calls ``reconfigure()`` only when a YAML gives a ``user_config``; otherwise a
+  replica starts with the model's defaults.
+
+Deployment options that Serve itself reads (``num_cpus``, ``autoscaling_config``,
+``max_ongoing_requests``) cannot be inherited between YAML files: each YAML that starts
+the app states them (a test keeps ``docker.yaml`` equal to ``config.yaml`` there).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serve_app.errors import ConfigError
 
-class _Strict(BaseModel):
-    """Unknown keys are errors: a typo in the YAML must fail start-up, not be ignored."""
+SQLITE_PREFIX = "sqlite:///"
 
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo in the YAML or a request body fails loudly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Settings(StrictModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ArtifactConfig(_Strict):
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///path`` URL, or None for any other scheme.
+
+    The one place that parses the prefix: ``sqlite:///var/x.db`` is relative,
+    ``sqlite:////abs/x.db`` absolute.
+    """
+    return Path(url.removeprefix(SQLITE_PREFIX)) if url.startswith(SQLITE_PREFIX) else None
+
+
+def _resolve_url(url: str, base: Path) -> str:
+    path = sqlite_path(url)
+    return url if path is None else SQLITE_PREFIX + str((base / path).resolve())
+
+
+def _resolve_file(name: str | None, base: Path) -> str | None:
+    return None if name is None else str((base / name).resolve())
+
+
+class ArtifactConfig(_Settings):
     """Where the example data and model live, and how to build them when missing."""
 
     model_dir: str = "var/model"
-    build_if_missing: bool = True
+    build_if_missing: bool = Field(True, description="First start builds store and model.")
     n_entities: int = Field(100_000, ge=1_000)
     seed: int = 7
 
 
-class StoreConfig(_Strict):
+class StoreConfig(_Settings):
     """The feature store behind the FeatureFetcher pool."""
 
-    url: str = "sqlite:///var/features.db"
-    timeout_s: float = Field(0.5, gt=0, le=30)
+    url: str = Field(
+        "sqlite:///var/features.db", description="sqlite:///FILE or http(s)://feature-api"
+    )
+    timeout_s: float = Field(0.5, gt=0, le=30, description="Per look-up attempt.")
     attempts: int = Field(2, ge=1, le=5)
-    on_error: Literal["degrade", "fail"] = "degrade"
+    on_error: Literal["degrade", "fail"] = Field(
+        "degrade", description="degrade: score on defaults, marked degraded; fail: 503."
+    )
 
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        if not url.startswith(("sqlite:///", "http://", "https://")):
+        if not url.startswith((SQLITE_PREFIX, "http://", "https://")):
             raise ValueError("store url must start with sqlite:///, http:// or https://")
         return url
 
 
-class AuthConfig(_Strict):
+class AuthConfig(_Settings):
     """API-key auth for the data endpoints. Keys come from env and/or a secret file."""
 
     enabled: bool = True
     keys_env: str = "SERVE_APP_API_KEYS"
-    keys_file: str | None = ".secrets/api_keys"
+    keys_file: str | None = Field(
+        ".secrets/api_keys", description="`serve-app keygen` creates it (mode 0600)."
+    )
 
 
-class PredictionCacheConfig(_Strict):
+class PredictionCacheConfig(_Settings):
     """LRU + TTL cache of finished predictions, in each ingress replica."""
 
     enabled: bool = True
@@ -63,46 +103,55 @@ class PredictionCacheConfig(_Strict):
     ttl_s: float = Field(300.0, gt=0)
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(_Settings):
     """Input limits; anything beyond them is a 4xx, never a slow death."""
 
     max_batch_items: int = Field(1_000, ge=1, le=100_000)
     max_body_bytes: int = Field(2_000_000, ge=1_024)
     request_timeout_s: float = Field(10.0, gt=0)
-    # per Ingress replica; keep it below the Ingress's max_ongoing_requests
-    max_inflight_requests: int = Field(200, ge=1)
+    max_inflight_requests: int = Field(
+        200,
+        ge=1,
+        description="Per Ingress replica; past it 503 + Retry-After at once. Keep it below "
+        "the Ingress's max_ongoing_requests.",
+    )
 
 
-class WebhookConfig(_Strict):
+class WebhookConfig(_Settings):
     """Signed completion webhooks (Standard Webhooks), their retries and URL policy."""
 
     secret_env: str = "SERVE_APP_WEBHOOK_SECRET"
-    secret_file: str | None = ".secrets/webhook_secret"
-    # Hosts (names, IPs or CIDRs) allowed even though they are loopback/private.
-    allowed_hosts: tuple[str, ...] = ()
+    secret_file: str | None = Field(
+        ".secrets/webhook_secret", description="`serve-app keygen` creates it."
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        (), description='Loopback/private hosts (names, IPs, CIDRs) allowed, e.g. ["127.0.0.1"].'
+    )
     timeout_s: float = Field(5.0, gt=0, le=60)
     max_attempts: int = Field(8, ge=1, le=50)
     backoff_initial_s: float = Field(1.0, gt=0)
     backoff_max_s: float = Field(300.0, gt=0)
 
 
-class JobsConfig(_Strict):
+class JobsConfig(_Settings):
     """Queued predictions: the durable queue and how workers run jobs."""
 
     enabled: bool = True
-    queue_url: str = "sqlite:///var/jobs.db"
+    queue_url: str = Field(
+        "sqlite:///var/jobs.db", description="SQLite in WAL mode, leases for at-least-once."
+    )
     max_items: int = Field(100_000, ge=1)
     max_body_bytes: int = Field(16_000_000, ge=1_024)
-    chunk_size: int = Field(500, ge=1, le=10_000)
-    lease_s: float = Field(30.0, gt=0)
-    max_claims: int = Field(5, ge=1)
+    chunk_size: int = Field(500, ge=1, le=10_000, description="Items per Model call.")
+    lease_s: float = Field(30.0, gt=0, description="A dead worker's job is claimed after this.")
+    max_claims: int = Field(5, ge=1, description="A job claimed this often fails (poison job).")
     poll_interval_s: float = Field(0.2, gt=0)
-    result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
+    result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="Then results are purged.")
     results_page_max: int = Field(1_000, ge=1)
     webhooks: WebhookConfig = WebhookConfig()
 
 
-class AppConfig(_Strict):
+class AppConfig(_Settings):
     """The application's ``args`` in the Serve YAML."""
 
     artifacts: ArtifactConfig = ArtifactConfig()
@@ -118,59 +167,88 @@ class AppConfig(_Strict):
         Replicas may run in another working directory than ``serve run``; resolving once
         in the builder keeps every replica on the same files.
         """
-        model_dir = str((base / self.artifacts.model_dir).resolve())
-        url = self.store.url
-        if url.startswith("sqlite:///"):
-            url = "sqlite:///" + str((base / url.removeprefix("sqlite:///")).resolve())
-        keys_file = self.auth.keys_file
-        if keys_file is not None:
-            keys_file = str((base / keys_file).resolve())
-        queue_url = self.jobs.queue_url
-        if queue_url.startswith("sqlite:///"):
-            queue_url = "sqlite:///" + str((base / queue_url.removeprefix("sqlite:///")).resolve())
-        secret_file = self.jobs.webhooks.secret_file
-        if secret_file is not None:
-            secret_file = str((base / secret_file).resolve())
-        webhooks = self.jobs.webhooks.model_copy(update={"secret_file": secret_file})
+        jobs = self.jobs
+        webhooks = jobs.webhooks.model_copy(
+            update={"secret_file": _resolve_file(jobs.webhooks.secret_file, base)}
+        )
         return self.model_copy(
             update={
-                "artifacts": self.artifacts.model_copy(update={"model_dir": model_dir}),
-                "store": self.store.model_copy(update={"url": url}),
-                "auth": self.auth.model_copy(update={"keys_file": keys_file}),
-                "jobs": self.jobs.model_copy(update={"queue_url": queue_url, "webhooks": webhooks}),
+                "artifacts": self.artifacts.model_copy(
+                    update={"model_dir": _resolve_file(self.artifacts.model_dir, base)}
+                ),
+                "store": self.store.model_copy(update={"url": _resolve_url(self.store.url, base)}),
+                "auth": self.auth.model_copy(
+                    update={"keys_file": _resolve_file(self.auth.keys_file, base)}
+                ),
+                "jobs": jobs.model_copy(
+                    update={"queue_url": _resolve_url(jobs.queue_url, base), "webhooks": webhooks}
+                ),
             }
         )
 
 
-class ModelTuning(_Strict):
+class ModelTuning(_Settings):
     """``user_config`` of the Model deployment: how requests are batched."""
 
     max_batch_size: int = Field(64, ge=1, le=4_096)
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
 
 
-class IngressTuning(_Strict):
+class IngressTuning(_Settings):
     """``user_config`` of the Ingress: how concurrent single predictions are coalesced.
 
     Coalescing sends one list per hop to the Model instead of one item per hop, which is
-    what keeps the Model's batches full (see shared/design.md: hops are the cost).
+    what keeps the Model's batches full: each hop between deployments costs more than
+    scoring one item.
     """
 
-    coalesce_max_batch_size: int = Field(256, ge=1, le=4_096)
-    coalesce_wait_s: float = Field(0.002, ge=0, le=1)
-    # calls to the Model in flight at once; more items gather while they run
-    coalesce_max_in_flight: int = Field(2, ge=1, le=16)
+    coalesce_max_batch_size: int = Field(
+        128, ge=1, le=4_096, description="Items per Ingress->Model call, at most."
+    )
+    coalesce_wait_s: float = Field(
+        0.002, ge=0, le=1, description="A free call slot waits this long for more items."
+    )
+    coalesce_max_in_flight: int = Field(
+        2, ge=1, le=16, description="Ingress->Model calls at once; items gather meanwhile."
+    )
 
 
-class JobWorkerTuning(_Strict):
+class JobWorkerTuning(_Settings):
     """``user_config`` of the JobWorker: how many jobs one replica runs at once."""
 
     concurrent_jobs: int = Field(2, ge=1, le=64)
 
 
-class FetcherTuning(_Strict):
+class FetcherTuning(_Settings):
     """``user_config`` of the FeatureFetcher: the per-entity feature cache."""
 
     cache_enabled: bool = True
     cache_maxsize: int = Field(200_000, ge=1)
     cache_ttl_s: float = Field(60.0, gt=0)
+
+
+TUNING_BY_DEPLOYMENT: dict[str, type[_Settings]] = {
+    "Ingress": IngressTuning,
+    "Model": ModelTuning,
+    "FeatureFetcher": FetcherTuning,
+    "JobWorker": JobWorkerTuning,
+}
+
+
+def read_serve_yaml(path: Path) -> dict[str, Any]:
+    """The Serve YAML as a dict, or :class:`ConfigError` naming the file."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path} is not a Serve config (a mapping with `applications`)")
+    return document
+
+
+def load_app_config(path: Path, app_name: str | None = None) -> AppConfig:
+    """The validated ``args`` of an application in a Serve YAML (the first, by default)."""
+    for application in read_serve_yaml(path).get("applications", []):
+        if app_name is None or application.get("name") == app_name:
+            return AppConfig.model_validate(application.get("args") or {})
+    raise ConfigError(f"no application {app_name or ''} in {path}")

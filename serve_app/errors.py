@@ -104,3 +104,13 @@ class StoreUnavailable(ServiceError):
 
 class Overloaded(ServiceError):
     code = "overloaded"
+
+
+def error_for_item(error: dict[str, Any]) -> ServeAppError:
+    """The exception for a per-item error dict, when that item was the whole request."""
+    code, message = error.get("code"), str(error.get("message", ""))
+    if code == "unknown_entity":
+        return UnknownEntity(message)
+    if code == "store_unavailable":
+        return StoreUnavailable(message)
+    return ServiceError(message)

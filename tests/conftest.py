@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.build import build_artifacts
 from serve_app.config import AppConfig
+from serve_app.offline.artifacts import build_artifacts
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -111,7 +111,7 @@ def test_wrong_content_type_is_415(serve_app: ServeApp) -> None:
 
 
 def test_oversized_body_is_413(serve_app: ServeApp) -> None:
-    limit = serve_app.config["applications"][0]["args"]["limits"]["max_body_bytes"]
+    limit = serve_app.settings.limits.max_body_bytes
     raw = json.dumps({"items": [{"entity_id": "E0000001"}] * (limit // 20)}).encode()
     assert len(raw) > limit
     response = serve_app.client.post(
@@ -123,7 +123,7 @@ def test_oversized_body_is_413(serve_app: ServeApp) -> None:
 
 def test_oversized_chunked_body_is_413(serve_app: ServeApp) -> None:
     """No Content-Length to trust: the limit is enforced while streaming."""
-    limit = serve_app.config["applications"][0]["args"]["limits"]["max_body_bytes"]
+    limit = serve_app.settings.limits.max_body_bytes
 
     def chunks():  # a generator body is sent with Transfer-Encoding: chunked
         yield b'{"items": ['
@@ -161,7 +161,7 @@ def test_bad_batch_bodies_get_422(serve_app: ServeApp, body: object, code: str) 
 
 
 def test_too_many_items_is_422_with_the_limit(serve_app: ServeApp) -> None:
-    limit = serve_app.config["applications"][0]["args"]["limits"]["max_batch_items"]
+    limit = serve_app.settings.limits.max_batch_items
     items = [{"entity_id": f"E{i:07d}"} for i in range(limit + 1)]
     response = serve_app.client.post("/v1/predict/batch", json={"items": items})
     assert response.status_code == 422
@@ -202,17 +202,19 @@ def test_batch_keeps_order_and_bad_items_fail_alone(serve_app: ServeApp) -> None
 def test_batch_duplicates_are_computed_once(serve_app: ServeApp) -> None:
     fresh = [f"E00{i:05d}" for i in range(50_000, 50_010)]
     items = [{"entity_id": entity} for entity in fresh] * 5  # 50 items, 10 distinct
+    serve_app.wait_for_replicas("Model", 1)  # stats come from one replica: make it the only one
     before = serve_app.stats()["model"]
     body = serve_app.client.post("/v1/predict/batch", json={"items": items}).json()
     after = serve_app.stats()["model"]
     assert body["summary"]["unique"] == 10 and body["summary"]["succeeded"] == 50
-    assert after["replica"] == before["replica"]  # one Model replica under this light load
+    assert after["replica"] == before["replica"]
     assert after["items"] - before["items"] == 10  # the model saw each distinct item once
     scores = {r["entity_id"]: r["score"] for r in body["results"]}
     assert all(r["score"] == scores[r["entity_id"]] for r in body["results"])
 
 
 def test_concurrent_single_predictions_are_batched(serve_app: ServeApp) -> None:
+    serve_app.wait_for_replicas("Model", 1)
     before = serve_app.stats()["model"]
     entities = [f"E00{i:05d}" for i in range(60_000, 60_064)]
 

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from serve_app.config import ModelTuning
 from tests.integration.conftest import APP_NAME, ServeApp, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -52,8 +53,10 @@ def _set_model_tuning(max_batch_size: int, wait_s: float) -> Any:
 
 
 def test_user_config_change_applies_without_restart(serve_app: ServeApp) -> None:
+    defaults = ModelTuning()
+    serve_app.wait_for_replicas("Model", 1)  # stats come from one replica: make it the only one
     before = serve_app.stats()["model"]
-    assert before["max_batch_size"] == 64
+    assert before["max_batch_size"] == defaults.max_batch_size
     serve_app.redeploy(_set_model_tuning(16, 0.002))
     try:
         deadline = time.monotonic() + 30
@@ -67,7 +70,9 @@ def test_user_config_change_applies_without_restart(serve_app: ServeApp) -> None
         response = serve_app.client.post("/v1/predict", json={"entity_id": "E0080000"})
         assert response.status_code == 200
     finally:
-        serve_app.redeploy(_set_model_tuning(64, 0.005))
+        serve_app.redeploy(
+            _set_model_tuning(defaults.max_batch_size, defaults.batch_wait_timeout_s)
+        )
     from ray import serve
 
     assert serve.status().applications[APP_NAME].status == "RUNNING"
@@ -79,11 +84,12 @@ def test_overload_is_shed_with_503_and_retry_after(serve_app: ServeApp) -> None:
 
     def limit_inflight(value: int) -> Any:
         def mutate(config: dict[str, Any]) -> None:
-            config["applications"][0]["args"]["limits"]["max_inflight_requests"] = value
+            args = config["applications"][0]["args"]
+            args.setdefault("limits", {})["max_inflight_requests"] = value
 
         return mutate
 
-    original = serve_app.config["applications"][0]["args"]["limits"]["max_inflight_requests"]
+    original = serve_app.settings.limits.max_inflight_requests
     serve_app.redeploy(limit_inflight(2))
     try:
         wait_ready(serve_app.base_url)

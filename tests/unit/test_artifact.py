@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.artifact import MODEL_FILE, load_artifact, read_metadata
 from serve_app.config import AppConfig
 from serve_app.errors import ArtifactError
-from serve_app.features import MODEL_COLUMNS, build_frame
+from serve_app.scoring.artifact import MODEL_FILE, load_artifact, read_metadata
+from serve_app.scoring.features import MODEL_COLUMNS, build_frame
 
 
 def test_artifact_has_metadata_and_loads(small_config: AppConfig) -> None:
@@ -43,8 +43,8 @@ def test_serving_frame_matches_the_training_frame(small_config: AppConfig) -> No
 
     import numpy as np
 
-    from serve_app.datagen import generate_entities, generate_requests
-    from serve_app.feature_store import open_store
+    from serve_app.offline.datagen import generate_entities, generate_requests
+    from serve_app.stores import open_store
 
     loaded = load_artifact(Path(small_config.artifacts.model_dir))
     entities = generate_entities(small_config.artifacts.n_entities, small_config.artifacts.seed)

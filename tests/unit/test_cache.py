@@ -18,7 +18,7 @@ class CountingLoader:
 
 
 def test_concurrent_misses_for_one_key_cost_one_load() -> None:
-    async def scenario() -> tuple[CountingLoader, list[dict[str, str]]]:
+    async def scenario() -> tuple[CountingLoader, list[tuple[dict[str, str], int]]]:
         cache: SingleFlightCache[str, str] = SingleFlightCache(100, ttl_s=60)
         loader = CountingLoader({"a", "b"})
         results = await asyncio.gather(*(cache.get_many(["a", "b"], loader) for _ in range(20)))
@@ -26,31 +26,19 @@ def test_concurrent_misses_for_one_key_cost_one_load() -> None:
 
     loader, results = asyncio.run(scenario())
     assert loader.calls == [["a", "b"]]
-    assert all(r == {"a": "A", "b": "B"} for r in results)
+    assert all(found == {"a": "A", "b": "B"} for found, _ in results)
 
 
 def test_hits_do_not_load_and_absent_keys_are_negatively_cached() -> None:
     async def scenario() -> CountingLoader:
         cache: SingleFlightCache[str, str] = SingleFlightCache(100, ttl_s=60)
         loader = CountingLoader({"a"})
-        assert await cache.get_many(["a", "zz"], loader) == {"a": "A"}
-        assert await cache.get_many(["a", "zz", "b"], loader) == {"a": "A"}
+        assert await cache.get_many(["a", "zz"], loader) == ({"a": "A"}, 0)
+        assert await cache.get_many(["a", "zz", "b"], loader) == ({"a": "A"}, 2)
         return loader
 
     loader = asyncio.run(scenario())
     assert loader.calls == [["a", "zz"], ["b"]]
-
-
-def test_ttl_expiry_reloads() -> None:
-    async def scenario() -> CountingLoader:
-        cache: SingleFlightCache[str, str] = SingleFlightCache(100, ttl_s=0.05)
-        loader = CountingLoader({"a"}, delay=0)
-        await cache.get_many(["a"], loader)
-        await asyncio.sleep(0.1)
-        await cache.get_many(["a"], loader)
-        return loader
-
-    assert len(asyncio.run(scenario()).calls) == 2
 
 
 def test_loader_failure_reaches_every_waiter_and_is_not_cached() -> None:
@@ -87,17 +75,43 @@ def test_disabled_cache_still_single_flights_but_keeps_nothing() -> None:
     assert len(asyncio.run(scenario()).calls) == 2
 
 
+class FakeClock:
+    """Time that passes only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_prediction_cache_skips_degraded_and_errors_and_expires() -> None:
-    cache = PredictionCache(maxsize=10, ttl_s=0.05)
+    clock = FakeClock()
+    cache = PredictionCache(maxsize=10, ttl_s=60, timer=clock)
     cache.put("ok", {"score": 0.5, "degraded": False})
     cache.put("degraded", {"score": 0.5, "degraded": True})
     cache.put("error", {"error": {"code": "x"}})
     assert cache.get("ok") == {"score": 0.5, "degraded": False}
     assert cache.get("degraded") is None and cache.get("error") is None
-    import time
-
-    time.sleep(0.1)
+    clock.now += 59.9
+    assert cache.get("ok") is not None
+    clock.now += 0.2
     assert cache.get("ok") is None
+
+
+def test_feature_cache_entries_expire_after_ttl() -> None:
+    async def scenario() -> CountingLoader:
+        clock = FakeClock()
+        cache: SingleFlightCache[str, str] = SingleFlightCache(100, ttl_s=10, timer=clock)
+        loader = CountingLoader({"a"})
+        await cache.get_many(["a"], loader)
+        clock.now += 9.9
+        assert await cache.get_many(["a"], loader) == ({"a": "A"}, 1)
+        clock.now += 0.2
+        assert await cache.get_many(["a"], loader) == ({"a": "A"}, 0)
+        return loader
+
+    assert asyncio.run(scenario()).calls == [["a"], ["a"]]
 
 
 def test_prediction_cache_is_lru_bounded() -> None:
@@ -114,8 +128,8 @@ def test_hit_counts_are_per_call_even_when_calls_interleave() -> None:
         cache: SingleFlightCache[str, str] = SingleFlightCache(100, ttl_s=60)
         loader = CountingLoader({"a", "b", "c"}, delay=0.02)
         await cache.get_many(["a"], loader)
-        calls = [cache.get_many_counted(["a", "b"], loader) for _ in range(3)]
-        calls.append(cache.get_many_counted(["a", "c"], loader))
+        calls = [cache.get_many(["a", "b"], loader) for _ in range(3)]
+        calls.append(cache.get_many(["a", "c"], loader))
         return [hits for _, hits in await asyncio.gather(*calls)]
 
     assert asyncio.run(scenario()) == [1, 1, 1, 1]

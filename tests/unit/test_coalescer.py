@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from serve_app.coalescer import Coalescer
+from serve_app.scoring.coalescer import Coalescer
 
 
 class SlowDouble:
@@ -11,23 +11,33 @@ class SlowDouble:
     def __init__(self, delay: float = 0.05) -> None:
         self.delay = delay
         self.calls: list[list[int]] = []
+        self.active = 0
+        self.max_active = 0  # the most calls that were in flight at once
 
     async def __call__(self, items: list[int]) -> list[int]:
         self.calls.append(items)
-        await asyncio.sleep(self.delay)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.active -= 1
         return [2 * item for item in items]
 
 
 def test_concurrent_submits_share_few_calls_and_keep_their_results() -> None:
     async def scenario() -> tuple[SlowDouble, list[int]]:
         call = SlowDouble()
-        coalescer: Coalescer[int, int] = Coalescer(call, max_batch_size=64, max_in_flight=1)
+        coalescer: Coalescer[int, int] = Coalescer(
+            call, max_batch_size=64, wait_s=0.002, max_in_flight=1
+        )
         results = await asyncio.gather(*(coalescer.submit(i) for i in range(100)))
         return call, results
 
     call, results = asyncio.run(scenario())
     assert results == [2 * i for i in range(100)]
     assert len(call.calls) == 2 and [len(c) for c in call.calls] == [64, 36]
+    assert call.max_active == 1
 
 
 def test_batches_grow_while_a_call_is_in_flight() -> None:
@@ -59,7 +69,9 @@ def test_a_failing_call_fails_only_its_batch_and_the_worker_survives() -> None:
                 raise RuntimeError("downstream restarting")
             return items
 
-        coalescer: Coalescer[int, int] = Coalescer(flaky, wait_s=0.01, max_in_flight=1)
+        coalescer: Coalescer[int, int] = Coalescer(
+            flaky, max_batch_size=64, wait_s=0.01, max_in_flight=1
+        )
         failed = await asyncio.gather(
             *(coalescer.submit(i) for i in range(3)), return_exceptions=True
         )
@@ -76,7 +88,9 @@ def test_wrong_result_count_is_an_error_not_a_hang() -> None:
         return items[:-1]
 
     async def scenario() -> None:
-        coalescer: Coalescer[int, int] = Coalescer(short, wait_s=0.01)
+        coalescer: Coalescer[int, int] = Coalescer(
+            short, max_batch_size=64, wait_s=0.01, max_in_flight=2
+        )
         with pytest.raises(RuntimeError, match="results for"):
             await asyncio.gather(coalescer.submit(1), coalescer.submit(2))
 
@@ -84,13 +98,19 @@ def test_wrong_result_count_is_an_error_not_a_hang() -> None:
 
 
 def test_configure_changes_batch_size_and_slots() -> None:
-    async def scenario() -> SlowDouble:
+    async def scenario() -> tuple[SlowDouble, int]:
         call = SlowDouble(delay=0.02)
-        coalescer: Coalescer[int, int] = Coalescer(call, max_batch_size=64, max_in_flight=1)
-        await coalescer.submit(0)
+        coalescer: Coalescer[int, int] = Coalescer(
+            call, max_batch_size=64, wait_s=0.002, max_in_flight=1
+        )
+        await asyncio.gather(*(coalescer.submit(i) for i in range(20)))
+        before = call.max_active
+        call.max_active = 0
         coalescer.configure(max_batch_size=5, wait_s=0.005, max_in_flight=3)
         await asyncio.gather(*(coalescer.submit(i) for i in range(20)))
-        return call
+        return call, before
 
-    call = asyncio.run(scenario())
+    call, before = asyncio.run(scenario())
+    assert before == 1
     assert max(len(c) for c in call.calls[1:]) <= 5
+    assert call.max_active == 3  # 4 batches of 5, at most 3 of them in flight at once

@@ -1,58 +1,94 @@
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve_app.app import load_app_config
 from serve_app.config import (
+    TUNING_BY_DEPLOYMENT,
     AppConfig,
-    FetcherTuning,
     IngressTuning,
-    JobWorkerTuning,
     ModelTuning,
+    load_app_config,
+    sqlite_path,
 )
+from serve_app.deployments.model import MAX_CONCURRENT_BATCHES
+from serve_app.offline.config_reference import render
 
-CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
-TUNING = {
-    "Model": ModelTuning,
-    "Ingress": IngressTuning,
-    "FeatureFetcher": FetcherTuning,
-    "JobWorker": JobWorkerTuning,
-}
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted(ROOT.joinpath("configs").glob("*.yaml"))
+
+
+def _deployments(path: Path) -> dict[str, dict[str, Any]]:
+    application = yaml.safe_load(path.read_text())["applications"][0]
+    return {d["name"]: d for d in application["deployments"]}
+
+
+def _tuning(deployment: dict[str, Any]) -> Any:
+    """The deployment's effective user_config: the model's defaults plus the YAML's."""
+    return TUNING_BY_DEPLOYMENT[deployment["name"]].model_validate(
+        deployment.get("user_config") or {}
+    )
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_validates(path: Path) -> None:
     load_app_config(path)
-    for application in yaml.safe_load(path.read_text())["applications"]:
-        for deployment in application.get("deployments", []):
-            TUNING[deployment["name"]].model_validate(deployment.get("user_config", {}))
+    deployments = _deployments(path)
+    assert set(deployments) == set(TUNING_BY_DEPLOYMENT)
+    for deployment in deployments.values():
+        _tuning(deployment)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_max_ongoing_requests_does_not_cap_batches(path: Path) -> None:
     """Serve never holds more than max_ongoing_requests per replica: it caps batch size."""
-    for application in yaml.safe_load(path.read_text())["applications"]:
-        deployments = {d["name"]: d for d in application["deployments"]}
-        model = deployments["Model"]
-        concurrent_batches = 2  # serve_app.model: @serve.batch(max_concurrent_batches=2)
-        assert (
-            model["max_ongoing_requests"]
-            >= model["user_config"]["max_batch_size"] * concurrent_batches
-        )
-        ingress = deployments["Ingress"]
-        assert ingress["max_ongoing_requests"] >= ingress["user_config"]["coalesce_max_batch_size"]
+    deployments = _deployments(path)
+    model = deployments["Model"]
+    tuning: ModelTuning = _tuning(model)
+    assert model["max_ongoing_requests"] >= tuning.max_batch_size * MAX_CONCURRENT_BATCHES
+    ingress = deployments["Ingress"]
+    ingress_tuning: IngressTuning = _tuning(ingress)
+    assert ingress["max_ongoing_requests"] >= ingress_tuning.coalesce_max_batch_size
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_app_fits_on_two_cpus(path: Path) -> None:
-    for application in yaml.safe_load(path.read_text())["applications"]:
-        total = sum(
-            d["ray_actor_options"]["num_cpus"] * d["autoscaling_config"]["max_replicas"]
-            for d in application["deployments"]
-        )
-        assert total <= 2.0
+    total = sum(
+        d["ray_actor_options"]["num_cpus"] * d["autoscaling_config"]["max_replicas"]
+        for d in _deployments(path).values()
+    )
+    assert total <= 2.0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_yaml_states_only_what_differs_from_the_defaults(path: Path) -> None:
+    """A setting repeated with its default value is a second place to keep in sync."""
+
+    def repeated(given: dict[str, Any], defaults: dict[str, Any], prefix: str) -> list[str]:
+        found = []
+        for key, value in given.items():
+            if isinstance(value, dict):
+                found += repeated(value, defaults[key], f"{prefix}{key}.")
+            elif defaults[key] == (tuple(value) if isinstance(value, list) else value):
+                found.append(prefix + key)
+        return found
+
+    application = yaml.safe_load(path.read_text())["applications"][0]
+    assert repeated(application.get("args") or {}, AppConfig().model_dump(), "") == []
+    for deployment in application["deployments"]:
+        model = TUNING_BY_DEPLOYMENT[deployment["name"]]
+        assert repeated(deployment.get("user_config") or {}, model().model_dump(), "") == []
+
+
+def test_docker_config_runs_the_same_deployments_as_the_default() -> None:
+    assert _deployments(ROOT / "configs/docker.yaml") == _deployments(ROOT / "configs/config.yaml")
+
+
+def test_configuration_reference_is_current() -> None:
+    """docs/configuration.md is generated: regenerate with `serve-app config-reference`."""
+    assert (ROOT / "docs/configuration.md").read_text() == render()
 
 
 def test_unknown_keys_and_bad_values_fail_start_up() -> None:
@@ -69,3 +105,12 @@ def test_relative_paths_resolve_against_base(tmp_path: Path) -> None:
     assert config.artifacts.model_dir == str(tmp_path / "var/model")
     assert config.store.url == f"sqlite:///{tmp_path / 'var/features.db'}"
     assert config.auth.keys_file == str(tmp_path / ".secrets/api_keys")
+    assert config.jobs.queue_url == f"sqlite:///{tmp_path / 'var/jobs.db'}"
+    absolute = AppConfig.model_validate({"store": {"url": "sqlite:////data/f.db"}})
+    assert absolute.resolved(tmp_path).store.url == "sqlite:////data/f.db"
+
+
+def test_sqlite_path_is_parsed_in_one_place() -> None:
+    assert sqlite_path("sqlite:///var/x.db") == Path("var/x.db")
+    assert sqlite_path("sqlite:////abs/x.db") == Path("/abs/x.db")
+    assert sqlite_path("http://store:8080") is None

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from serve_app.errors import ConfigError, StoreUnavailable
-from serve_app.feature_store import SQLiteFeatureStore, open_store
+from serve_app.stores import SQLiteFeatureStore, open_store
 
 
 def test_bulk_get_returns_known_rows_only(small_store_path: Path) -> None:
@@ -43,7 +43,7 @@ def test_unknown_scheme_is_config_error() -> None:
 
 def test_http_store_bulk_get_and_outage(small_store_path: Path) -> None:
     from loadtests.feature_api import create_app
-    from serve_app.feature_store import HttpFeatureStore
+    from serve_app.stores.http import HttpFeatureStore
     from tests.servers import serve_in_thread
 
     api = create_app(small_store_path, latency_ms=1)

@@ -2,8 +2,8 @@ import math
 
 import pandas as pd
 
-from serve_app.datagen import generate_entities, generate_training_events
-from serve_app.features import (
+from serve_app.offline.datagen import generate_entities, generate_training_events
+from serve_app.scoring.features import (
     CATEGORICAL_FEATURES,
     ENTITY_FEATURES,
     MODEL_COLUMNS,

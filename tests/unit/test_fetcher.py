@@ -7,8 +7,8 @@ import pytest
 
 from serve_app.config import StoreConfig
 from serve_app.errors import StoreUnavailable
-from serve_app.feature_store import FeatureRow
-from serve_app.fetcher import StoreClient
+from serve_app.stores import FeatureRow
+from serve_app.stores.client import StoreClient
 
 
 class ScriptedStore:
@@ -58,7 +58,7 @@ def test_one_attempt_means_no_retry() -> None:
 
 def test_slow_http_feature_api_times_out(small_store_path: Path) -> None:
     from loadtests.feature_api import create_app
-    from serve_app.feature_store import HttpFeatureStore
+    from serve_app.stores.http import HttpFeatureStore
     from tests.servers import serve_in_thread
 
     with serve_in_thread(create_app(small_store_path, latency_ms=300)) as url:

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.job_queue import IdempotencyConflict, SQLiteJobQueue
+from serve_app.jobs import IdempotencyConflict
+from serve_app.jobs.sqlite import SQLiteJobQueue
 
 ITEMS = [{"entity_id": f"E{i:07d}", "context": {}} for i in range(5)]
 

@@ -1,6 +1,6 @@
 from types import SimpleNamespace
 
-from serve_app.job_worker import queue_depth_policy
+from serve_app.deployments.job_worker import queue_depth_policy
 
 
 def ctx(points: dict[str, list[tuple[float, float]]], low: int = 1, high: int = 4) -> object:

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from serve_app.schemas import PREDICT_REQUEST, BatchRequest, PredictRequest
+from serve_app.api.schemas import PREDICT_REQUEST, BatchRequest
 
 
 def test_minimal_and_full_requests() -> None:
@@ -9,11 +9,7 @@ def test_minimal_and_full_requests() -> None:
     full = PREDICT_REQUEST.validate_python(
         {"entity_id": "E1", "context": {"amount": 3.5, "hour": 23, "channel": "app"}}
     )
-    assert full.cache_key() == ("E1", 3.5, 23, "app")
-    assert full.to_item() == {
-        "entity_id": "E1",
-        "context": {"amount": 3.5, "hour": 23, "channel": "app"},
-    }
+    assert (full.context.amount, full.context.hour, full.context.channel) == (3.5, 23, "app")
 
 
 @pytest.mark.parametrize(
@@ -45,9 +41,3 @@ def test_batch_request_keeps_raw_items_for_per_item_validation() -> None:
         BatchRequest.model_validate({"items": "E1"})
     with pytest.raises(ValidationError):
         BatchRequest.model_validate({"entries": []})
-
-
-def test_cache_key_distinguishes_context() -> None:
-    a = PredictRequest(entity_id="E1")
-    b = PREDICT_REQUEST.validate_python({"entity_id": "E1", "context": {"hour": 1}})
-    assert a.cache_key() != b.cache_key()

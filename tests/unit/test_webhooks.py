@@ -5,7 +5,8 @@ from standardwebhooks.webhooks import Webhook
 
 from serve_app.config import WebhookConfig
 from serve_app.errors import InvalidInput
-from serve_app.webhooks import backoff_s, check_callback_url, new_secret, sign
+from serve_app.jobs.webhooks import backoff_s, check_callback_url, sign
+from serve_app.secret_files import new_webhook_secret as new_secret
 
 OPEN = WebhookConfig()
 

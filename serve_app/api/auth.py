@@ -1,7 +1,7 @@
 """API-key auth: ``Authorization: Bearer <key>``.
 
-Keys come from an environment variable (comma-separated) and/or a secret file (one key a
-line, ``#`` comments allowed). Only their SHA-256 digests are kept in memory; a presented
+Keys come from an environment variable (separated by commas or newlines) and/or a secret
+file (one key a line, ``#`` comments allowed). Only their SHA-256 digests are kept in memory; a presented
 key is hashed and compared with every stored digest in constant time, so neither timing
 nor an early exit says how close a guess was. Keys are never logged.
 """
@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import secrets
+import re
 from pathlib import Path
 
 from serve_app.config import AuthConfig
 from serve_app.errors import ConfigError, Unauthorized
+from serve_app.secret_files import read_lines
 
 MIN_KEY_LENGTH = 16
 
@@ -26,14 +27,10 @@ def _digest(key: str) -> bytes:
 
 def read_keys(config: AuthConfig) -> list[str]:
     """Plain keys from the configured environment variable and secret file."""
-    keys = [k.strip() for k in os.environ.get(config.keys_env, "").split(",") if k.strip()]
+    from_env = re.split(r"[,\n]", os.environ.get(config.keys_env, ""))
+    keys = [key.strip() for key in from_env if key.strip()]
     if config.keys_file:
-        path = Path(config.keys_file)
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    keys.append(line)
+        keys += read_lines(Path(config.keys_file))
     short = [k for k in keys if len(k) < MIN_KEY_LENGTH]
     if short:
         raise ConfigError(f"{len(short)} API key(s) shorter than {MIN_KEY_LENGTH} characters")
@@ -72,26 +69,3 @@ class KeyChecker:
         if not self.is_valid(token):
             raise Unauthorized("missing or invalid API key (use 'Authorization: Bearer <key>')")
         return _digest(token).hex()[:32] if self.enabled and token else "anonymous"
-
-
-def new_key() -> str:
-    return secrets.token_urlsafe(32)
-
-
-def write_secret_file(path: Path, content: str) -> bool:
-    """Create ``path`` readable by its owner only (0600) unless it exists."""
-    if path.exists():
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(content)
-    return True
-
-
-def write_key_file(path: Path) -> str | None:
-    """Create ``path`` with one new key unless it exists; return the new key."""
-    key = new_key()
-    if not write_secret_file(path, "# serve_app API keys, one a line\n" + key + "\n"):
-        return None
-    return key

@@ -10,16 +10,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
+from serve_app.config import StrictModel
+
 EntityId = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
 ]
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RequestContext(_Body):
+class RequestContext(StrictModel):
     """Request-time features sent by the caller; each optional (missing is allowed)."""
 
     amount: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)] | None = None
@@ -27,7 +25,7 @@ class RequestContext(_Body):
     channel: Literal["web", "app", "store"] | None = None
 
 
-class PredictRequest(_Body):
+class PredictRequest(StrictModel):
     """Score one entity."""
 
     entity_id: EntityId
@@ -39,11 +37,6 @@ class PredictRequest(_Body):
             "examples": [{"entity_id": "E0000042", "context": {"amount": 59.9, "channel": "web"}}]
         },
     )
-
-    def cache_key(self) -> tuple[Any, ...]:
-        """Identity of the work: equal keys are computed once and cached together."""
-        ctx = self.context
-        return (self.entity_id, ctx.amount, ctx.hour, ctx.channel)
 
     def to_item(self) -> dict[str, Any]:
         """The plain dict sent across the hop to the Model deployment."""
@@ -61,7 +54,7 @@ class PredictResponse(BaseModel):
     degraded: bool = Field(description="Stored features were unavailable; defaults used.")
 
 
-class BatchRequest(_Body):
+class BatchRequest(StrictModel):
     """Score many entities. Items are validated one by one: a bad item fails alone."""
 
     items: list[Any] = Field(
@@ -70,7 +63,9 @@ class BatchRequest(_Body):
     )
 
 
-class ItemError(BaseModel):
+class ErrorBody(BaseModel):
+    """An error: of the whole request, or of one item in a batch or job."""
+
     code: str
     message: str
     details: Any = None
@@ -83,7 +78,7 @@ class BatchItemResult(BaseModel):
     score: float | None = None
     cached: bool | None = None
     degraded: bool | None = None
-    error: ItemError | None = None
+    error: ErrorBody | None = None
 
 
 class BatchSummary(BaseModel):
@@ -100,18 +95,12 @@ class BatchResponse(BaseModel):
     summary: BatchSummary
 
 
-class ErrorBody(BaseModel):
-    code: str
-    message: str
-    details: Any = None
-
-
 class ErrorResponse(BaseModel):
     error: ErrorBody
     request_id: str | None = None
 
 
-class JobRequest(_Body):
+class JobRequest(StrictModel):
     """A queued prediction job: the batch endpoint's items, many more of them, and a callback."""
 
     items: list[Any] = Field(description="Each item has the shape of a /v1/predict body.")

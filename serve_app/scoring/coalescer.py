@@ -32,9 +32,9 @@ class Coalescer(Generic[T, R]):
     def __init__(
         self,
         call: Callable[[list[T]], Awaitable[list[R]]],
-        max_batch_size: int = 64,
-        wait_s: float = 0.002,
-        max_in_flight: int = 2,
+        max_batch_size: int,
+        wait_s: float,
+        max_in_flight: int,
     ) -> None:
         self._call = call
         self.max_batch_size = max_batch_size

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from serve_app.features import CATEGORIES, ENTITY_FEATURES, REQUEST_FEATURES
+from serve_app.scoring.features import CATEGORIES, ENTITY_FEATURES, REQUEST_FEATURES
 
 
 def entity_id(index: int) -> str:

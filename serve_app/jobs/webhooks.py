@@ -11,7 +11,6 @@ coroutine, so a delivery owed by a worker that dies is made by another one.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import os
 import random
@@ -26,20 +25,15 @@ from standardwebhooks.webhooks import Webhook
 
 from serve_app.config import WebhookConfig
 from serve_app.errors import InvalidInput
-
-SECRET_PREFIX = "whsec_"
+from serve_app.secret_files import read_lines
 
 
 def read_secret(config: WebhookConfig) -> str | None:
     """The signing secret (``whsec_<base64>``) from env or the secret file, if any."""
     secret = os.environ.get(config.secret_env, "").strip()
-    if not secret and config.secret_file and Path(config.secret_file).is_file():
-        secret = Path(config.secret_file).read_text().strip()
+    if not secret and config.secret_file:
+        secret = next(iter(read_lines(Path(config.secret_file))), "")
     return secret or None
-
-
-def new_secret() -> str:
-    return SECRET_PREFIX + base64.b64encode(os.urandom(32)).decode()
 
 
 def _host_allowed(
@@ -118,7 +112,7 @@ def sign(secret: str, webhook_id: str, body: str, now: datetime | None = None) -
 
 
 def backoff_s(attempt: int, config: WebhookConfig) -> float:
-    """Exponential backoff with full jitter before attempt ``attempt + 1``."""
+    """Exponential backoff with equal jitter (half fixed, half random) before ``attempt + 1``."""
     ceiling = min(config.backoff_max_s, config.backoff_initial_s * 2 ** (attempt - 1))
     return random.uniform(ceiling / 2, ceiling)
 

@@ -26,11 +26,12 @@ import httpx
 from ray import serve
 from ray.serve.config import AutoscalingContext
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Counter, Gauge, Histogram
 
 from serve_app.config import JobsConfig, JobWorkerTuning
-from serve_app.job_queue import Job, open_job_queue
-from serve_app.webhooks import backoff_s, deliver, event_body, read_secret
+from serve_app.jobs import Job, JobQueue, open_job_queue
+from serve_app.jobs.webhooks import backoff_s, deliver, event_body, read_secret
+from serve_app.metrics import JobMetrics
+from serve_app.scoring.answers import job_result
 
 logger = logging.getLogger("serve_app.jobs")
 
@@ -56,28 +57,11 @@ def queue_depth_policy(ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
     return max(low, min(high, desired)), ctx.policy_state
 
 
-class JobMetrics:
-    def __init__(self) -> None:
-        self.queue_depth = Gauge("serve_app_job_queue_depth", "Jobs queued or running.")
-        self.items = Counter("serve_app_job_items", "Job items scored.")
-        self.jobs = Counter(
-            "serve_app_jobs_finished", "Jobs finished by state.", tag_keys=("state",)
-        )
-        self.latency_s = Histogram(
-            "serve_app_job_latency_s",
-            "From submission to finish.",
-            boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600],
-        )
-        self.webhooks = Counter(
-            "serve_app_webhook_attempts", "Webhook attempts by outcome.", tag_keys=("outcome",)
-        )
-
-
-@serve.deployment(name="JobWorker", ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(name="JobWorker")
 class JobWorker:
     async def __init__(self, model: DeploymentHandle, jobs: dict[str, Any]) -> None:
         self._config = JobsConfig.model_validate(jobs)
-        self._queue = open_job_queue(self._config.queue_url)
+        self._queue: JobQueue = open_job_queue(self._config.queue_url)
         self._model = model
         self._worker = f"{serve.get_replica_context().replica_id.unique_id}-{uuid.uuid4().hex[:6]}"
         self._secret = read_secret(self._config.webhooks)
@@ -166,8 +150,8 @@ class JobWorker:
                 break
             scored = await self._model.score.remote([item for _, item in pending])
             results = [
-                (idx, {"ok": "error" not in r, "entity_id": item["entity_id"], **r})
-                for (idx, item), r in zip(pending, scored["results"], strict=True)
+                (idx, job_result(item, result))
+                for (idx, item), result in zip(pending, scored["results"], strict=True)
             ]
             kept = await asyncio.to_thread(
                 self._queue.save_results, job.id, self._worker, config.lease_s, results

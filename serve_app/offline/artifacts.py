@@ -1,26 +1,27 @@
-"""Build the example feature store and model: ``python -m serve_app.build [config.yaml]``.
+"""Make the example artifacts: the SQLite feature store and the trained model.
 
-``serve run`` calls :func:`ensure_artifacts` from the application builder, so the first
-start on a fresh machine builds what is missing by itself. A file lock makes concurrent
-starts build once.
+``serve-app build`` runs :func:`build_artifacts`; the application builder calls
+:func:`ensure_artifacts`, so the first ``serve run`` on a fresh machine builds what is
+missing by itself. A file lock makes concurrent starts build once.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from serve_app.artifact import METADATA_FILE, train, write_artifact
-from serve_app.config import AppConfig
-from serve_app.datagen import generate_entities
-from serve_app.feature_store import write_sqlite_store
+from serve_app.config import AppConfig, sqlite_path
+from serve_app.errors import ArtifactError
+from serve_app.offline.datagen import generate_entities
+from serve_app.offline.training import train, write_artifact
+from serve_app.scoring.artifact import METADATA_FILE
+from serve_app.stores.sqlite import write_sqlite_store
 
-logger = logging.getLogger("serve_app.build")
+logger = logging.getLogger("serve_app.offline")
 
 
 @contextmanager
@@ -34,15 +35,10 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _sqlite_path(config: AppConfig) -> Path | None:
-    url = config.store.url
-    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
-
-
 def missing_artifacts(config: AppConfig) -> list[str]:
     model_dir = Path(config.artifacts.model_dir)
     missing = [] if (model_dir / METADATA_FILE).is_file() else [str(model_dir)]
-    store = _sqlite_path(config)
+    store = sqlite_path(config.store.url)
     if store is not None and not store.is_file():
         missing.append(str(store))
     return missing
@@ -56,7 +52,7 @@ def build_artifacts(config: AppConfig, force: bool = False) -> None:
             return
         started = time.perf_counter()
         entities = generate_entities(config.artifacts.n_entities, config.artifacts.seed)
-        store = _sqlite_path(config)
+        store = sqlite_path(config.store.url)
         if store is not None and (force or not store.is_file()):
             write_sqlite_store(store, entities)
             logger.info("wrote feature store %s (%d entities)", store, len(entities))
@@ -73,24 +69,5 @@ def ensure_artifacts(config: AppConfig) -> None:
     if not missing:
         return
     if not config.artifacts.build_if_missing:
-        from serve_app.errors import ArtifactError
-
         raise ArtifactError(f"missing artifacts {missing} and build_if_missing is false")
     build_artifacts(config)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from serve_app.app import load_app_config
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = sys.argv[1:] if argv is None else argv
-    force = "--force" in args
-    paths = [arg for arg in args if not arg.startswith("--")]
-    config_path = Path(paths[0]) if paths else Path("configs/config.yaml")
-    config = load_app_config(config_path).resolved(Path.cwd())
-    build_artifacts(config, force=force)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,17 +1,15 @@
-"""The durable job queue: at-least-once with leases, on a SQLite file in WAL mode.
+"""The durable job queue on a SQLite file in WAL mode: at-least-once with leases.
 
 Why not a library: persist-queue (SQLiteAckQueue), litequeue and huey's SQLite storage
 were looked at. They give ack/nack of whole messages, but not what jobs need here:
 leases that expire so a dead worker's job is claimed again, per-item progress that
 survives the crash (so finished items are neither recomputed nor lost), idempotency keys
-and a durable webhook schedule. So this is plain sqlite3, behind a small interface that a
-Redis Streams backend (consumer groups + XAUTOCLAIM) can implement too.
+and a durable webhook schedule. So this is plain sqlite3 behind
+:class:`~serve_app.jobs.queue.JobQueue`.
 
 Exactly-once results: ``job_results`` has the primary key (job_id, idx) and rows are
 inserted with ``INSERT OR IGNORE`` only while the writer holds the lease, so an item
 recomputed after a crash cannot appear twice.
-
-Every method is synchronous and short; async callers run them with ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -22,14 +20,10 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from serve_app.errors import ConfigError
-
-TERMINAL = ("succeeded", "failed", "cancelled")
+from serve_app.jobs.queue import IdempotencyConflict, Job
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -77,63 +71,6 @@ _JOB_COLUMNS = (
     "created_at, started_at, finished_at, expires_at, claims, error, webhook_state, "
     "webhook_attempts, webhook_last_error"
 )
-
-
-@dataclass(frozen=True)
-class Job:
-    id: str
-    owner: str
-    state: str
-    total: int
-    done: int
-    failed: int
-    idempotency_key: str | None
-    body_hash: str | None
-    callback_url: str | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    expires_at: float | None
-    claims: int
-    error: str | None
-    webhook_state: str
-    webhook_attempts: int
-    webhook_last_error: str | None
-
-    @property
-    def finished(self) -> bool:
-        return self.state in TERMINAL
-
-    def public(self) -> dict[str, Any]:
-        """What callers see of a job (status endpoint and webhook payload); no owner."""
-        return {
-            "id": self.id,
-            "state": self.state,
-            "status_url": f"/v1/jobs/{self.id}",
-            "progress": {"done": self.done, "total": self.total, "failed": self.failed},
-            "created_at": _iso(self.created_at),
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
-            "expires_at": _iso(self.expires_at),
-            "error": self.error,
-            "webhook": None
-            if self.callback_url is None
-            else {
-                "state": self.webhook_state,
-                "attempts": self.webhook_attempts,
-                "last_error": self.webhook_last_error,
-            },
-        }
-
-
-def _iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")
-
-
-class IdempotencyConflict(Exception):
-    """The idempotency key was used before with a different body."""
 
 
 class SQLiteJobQueue:
@@ -396,8 +333,5 @@ class SQLiteJobQueue:
                 db.executemany(f"DELETE FROM {table} WHERE {column} = ?", ((i,) for i in ids))
         return len(ids)
 
-
-def open_job_queue(url: str) -> SQLiteJobQueue:
-    if url.startswith("sqlite:///"):
-        return SQLiteJobQueue(Path(url.removeprefix("sqlite:///")))
-    raise ConfigError(f"unsupported job queue url: {url}")
+    def close(self) -> None:
+        """Nothing to release: a connection lives for one call."""

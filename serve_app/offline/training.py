@@ -1,20 +1,15 @@
-"""The model artifact: train it, write it with metadata and a checksum, verify, load.
+"""Train the example model and write it as an artifact (offline: never run by a replica).
 
-An artifact is a directory holding ``model.joblib`` and ``metadata.json``. The metadata
-carries the version, feature names and types, training metrics and the sha256 of the
-model file. Loading a pickle runs code, so :func:`load_artifact` refuses a file whose
-checksum does not match, and the artifact path is trusted configuration only (it comes
-from the Serve YAML, never from a request).
+The data set is generated deterministically (``datagen.py``), so the same seed and the
+same library versions give the same model, byte for byte.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +21,9 @@ from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OrdinalEncoder
 
-from serve_app.datagen import generate_training_events
-from serve_app.errors import ArtifactError
-from serve_app.features import (
+from serve_app.offline.datagen import generate_training_events
+from serve_app.scoring.artifact import METADATA_FILE, MODEL_FILE, sha256_of
+from serve_app.scoring.features import (
     CATEGORICAL_FEATURES,
     CATEGORIES,
     MODEL_COLUMNS,
@@ -36,22 +31,8 @@ from serve_app.features import (
     feature_types,
 )
 
-MODEL_FILE = "model.joblib"
-METADATA_FILE = "metadata.json"
 N_TRAIN_EVENTS = 60_000
 N_TEST_EVENTS = 20_000
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A verified, loaded model and its metadata."""
-
-    pipeline: Pipeline
-    metadata: dict[str, Any]
-
-    @property
-    def version(self) -> str:
-        return str(self.metadata["version"])
 
 
 def make_pipeline(seed: int) -> Pipeline:
@@ -97,14 +78,6 @@ def train(entities: Any, seed: int) -> tuple[Pipeline, dict[str, float]]:
     return pipeline, metrics
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_artifact(
     model_dir: Path, pipeline: Pipeline, metrics: dict[str, float], seed: int
 ) -> dict[str, Any]:
@@ -131,28 +104,3 @@ def write_artifact(
         model_dir.rmdir()
     os.replace(staging, model_dir)
     return metadata
-
-
-def read_metadata(model_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((model_dir / METADATA_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"cannot read {model_dir / METADATA_FILE}: {exc}") from exc
-
-
-def load_artifact(model_dir: Path) -> LoadedModel:
-    """Verify the checksum, then unpickle. Never call this on an untrusted path."""
-    metadata = read_metadata(model_dir)
-    model_path = model_dir / MODEL_FILE
-    if not model_path.is_file():
-        raise ArtifactError(f"model file missing: {model_path}")
-    actual = sha256_of(model_path)
-    if actual != metadata.get("sha256"):
-        raise ArtifactError(
-            f"checksum mismatch for {model_path}: metadata says {metadata.get('sha256')}, "
-            f"file is {actual}; refusing to load"
-        )
-    pipeline = joblib.load(model_path)
-    if list(metadata.get("features", [])) != list(MODEL_COLUMNS):
-        raise ArtifactError("artifact feature list does not match this code's feature schema")
-    return LoadedModel(pipeline=pipeline, metadata=metadata)

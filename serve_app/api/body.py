@@ -1,0 +1,35 @@
+"""Reading a JSON body with a size bound: 413 before reading when ``Content-Length`` is
+too large, and while streaming when it lies (or with chunked bodies)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+
+from serve_app.errors import InvalidInput, MalformedJson, PayloadTooLarge, UnsupportedMediaType
+
+
+async def read_json_body(request: Request, max_bytes: int) -> Any:
+    """The parsed JSON body, or a 413 (too large) / 400 (not JSON) / 415 (wrong type)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type.split(";")[0].lower():
+        raise UnsupportedMediaType(f"content-type must be application/json, not {content_type!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise InvalidInput("request body is empty; send a JSON object", [{"type": "empty_body"}])
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # nesting bombs too
+        raise MalformedJson(f"body is not valid JSON: {exc}") from exc

@@ -1,0 +1,74 @@
+"""What a route needs, as ``Annotated`` dependencies: its signature names them, its body
+reads as the business logic only.
+
+* :data:`Owner`: the caller's identity from ``Authorization: Bearer`` (401 otherwise);
+* :data:`Admitted`: a slot under admission control (503 + ``Retry-After`` otherwise);
+* :data:`JsonBody` / :data:`JobJsonBody`: the JSON body, read with a size bound.
+
+They find the replica's :class:`ApiContext` on ``app.state``: the Ingress sets it when the
+replica starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from serve_app.api.admission import Admission
+from serve_app.api.auth import KeyChecker
+from serve_app.api.body import read_json_body
+from serve_app.config import AppConfig
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """Per-replica state the dependencies use."""
+
+    config: AppConfig
+    auth: KeyChecker
+    admission: Admission
+
+
+def install_context(app: FastAPI, context: ApiContext) -> None:
+    app.state.api_context = context
+
+
+def _context(request: Request) -> ApiContext:
+    return request.app.state.api_context
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from SERVE_APP_API_KEYS.")
+
+
+# Every dependency is ``async``: FastAPI runs plain ``def`` ones in a thread pool, which
+# costs a thread hop per request and would break admission's single-threaded counter.
+
+
+async def get_owner(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    return _context(request).auth.require(credentials.credentials if credentials else None)
+
+
+async def admitted(request: Request) -> AsyncIterator[None]:
+    with _context(request).admission.admit():
+        yield
+
+
+async def json_body(request: Request) -> Any:
+    return await read_json_body(request, _context(request).config.limits.max_body_bytes)
+
+
+async def job_json_body(request: Request) -> Any:
+    return await read_json_body(request, _context(request).config.jobs.max_body_bytes)
+
+
+Owner = Annotated[str, Depends(get_owner)]
+Admitted = Annotated[None, Depends(admitted)]
+JsonBody = Annotated[Any, Depends(json_body)]
+JobJsonBody = Annotated[Any, Depends(job_json_body)]

@@ -1,0 +1,57 @@
+"""Validation of predict items, shared by ``/v1/predict``, ``/v1/predict/batch`` and jobs.
+
+Items are validated one by one: a bad item becomes its own :class:`InvalidInput`, never
+the whole request's failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from serve_app.api.errors import validation_details
+from serve_app.api.schemas import PREDICT_REQUEST
+from serve_app.errors import InvalidInput
+from serve_app.scoring.items import Item
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+def parse_item(raw: Any) -> Item:
+    """A validated item in the form that crosses the hops, or :class:`InvalidInput`."""
+    try:
+        request = PREDICT_REQUEST.validate_python(raw)
+    except ValidationError as exc:
+        raise InvalidInput("item is not valid", validation_details(exc)) from exc
+    return {"entity_id": request.entity_id, "context": request.context.model_dump()}
+
+
+def parse_items(raw_items: list[Any]) -> list[Item | InvalidInput]:
+    """Each raw item validated on its own; a bad one is kept as its error, in place."""
+    parsed: list[Item | InvalidInput] = []
+    for raw in raw_items:
+        try:
+            parsed.append(parse_item(raw))
+        except InvalidInput as exc:
+            parsed.append(exc)
+    return parsed
+
+
+def parse_body(model: type[BodyT], body: Any) -> BodyT:
+    """The request envelope (``{"items": [...]}``, ...) or a 422 naming what is wrong."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidInput('body must be {"items": [...]}', validation_details(exc)) from exc
+
+
+def check_item_count(count: int, limit: int, hint: str = "") -> None:
+    """422 for an empty list or one longer than ``limit``."""
+    if count == 0:
+        raise InvalidInput("items is empty; send at least one item", [{"type": "empty_batch"}])
+    if count > limit:
+        raise InvalidInput(
+            f"{count} items exceed the limit of {limit} per request{hint}",
+            [{"type": "too_many_items", "limit": limit}],
+        )

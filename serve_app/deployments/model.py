@@ -1,0 +1,123 @@
+"""The Model deployment: where the batch is formed and scored.
+
+Callers send lists of items (the Ingress coalesces single predictions into lists). Serve's
+``@serve.batch`` merges concurrent calls into one batch; for each batch this deployment
+makes ONE bulk call to the FeatureFetcher and hands the rest to the Ray-free
+:class:`~serve_app.scoring.scorer.Scorer` (dedupe, per-item errors, ONE ``predict_proba``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from threadpoolctl import threadpool_limits
+
+from serve_app.config import ModelTuning
+from serve_app.metrics import ModelMetrics
+from serve_app.scoring.artifact import load_artifact
+from serve_app.scoring.items import Item, entity_ids, unique_items
+from serve_app.scoring.scorer import ModelAnswer, Scorer, flatten, split_by_call
+from serve_app.stores.base import FeatureLookup
+
+_DEFAULTS = ModelTuning()
+# Two batches at once: one can await its feature fetch (IO) while the other predicts.
+# Serve can change batch size and wait at run time, but not this.
+MAX_CONCURRENT_BATCHES = 2
+
+
+def pin_threads() -> int:
+    """Limit OpenMP/BLAS threads to this replica's CPUs so replicas don't oversubscribe."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    threads = max(1, math.floor(cpus))
+    threadpool_limits(limits=threads)
+    return threads
+
+
+class BatchStats:
+    """Counters of what the batcher really formed; read by /v1/stats and the benchmarks."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.requests = 0
+        self.items = 0
+        self.unique_items = 0
+        self.recent: deque[int] = deque(maxlen=512)
+
+    def record(self, requests: int, items: int, unique: int) -> None:
+        self.batches += 1
+        self.requests += requests
+        self.items += items
+        self.unique_items += unique
+        self.recent.append(unique)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "requests": self.requests,
+            "items": self.items,
+            "unique_items": self.unique_items,
+            "mean_requests_per_batch": self.requests / self.batches if self.batches else 0.0,
+            "mean_items_per_batch": self.unique_items / self.batches if self.batches else 0.0,
+            "max_items_per_batch": max(self.recent, default=0),
+            "recent_batch_items": list(self.recent)[-32:],
+        }
+
+
+@serve.deployment(name="Model")
+class Model:
+    def __init__(self, model_dir: str, fetcher: DeploymentHandle) -> None:
+        self._threads = pin_threads()
+        self._metrics = ModelMetrics()
+        self._scorer = Scorer(load_artifact(Path(model_dir)), self._metrics.record_predict)
+        self._fetcher = fetcher
+        self._stats = BatchStats()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply batch size and wait in place: no restart, no lost requests."""
+        tuning = ModelTuning.model_validate(user_config or {})
+        self._score_batched.set_max_batch_size(tuning.max_batch_size)
+        self._score_batched.set_batch_wait_timeout_s(tuning.batch_wait_timeout_s)
+
+    async def score(self, items: list[Item]) -> ModelAnswer:
+        """Score a list of items: ``{"model_version", "results": [result or error]}``."""
+        if not items:
+            return {"model_version": self._scorer.version, "results": []}
+        return await self._score_batched(items)
+
+    @serve.batch(
+        max_batch_size=_DEFAULTS.max_batch_size,
+        batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s,
+        max_concurrent_batches=MAX_CONCURRENT_BATCHES,
+    )
+    async def _score_batched(self, calls: list[list[Item]]) -> list[ModelAnswer]:
+        flat = flatten(calls)
+        unique = unique_items(flat)
+        lookup: FeatureLookup = await self._fetcher.get_many.remote(entity_ids(unique))
+        by_key = self._scorer.score(unique, lookup)
+        if lookup.status == "degraded":
+            self._metrics.degraded_items.inc(len(unique))
+        self._stats.record(len(calls), len(flat), len(unique))
+        self._metrics.batch_requests.observe(len(calls))
+        self._metrics.batch_items.observe(len(unique))
+        return split_by_call(calls, by_key, self._scorer.version)
+
+    def metadata(self) -> dict[str, Any]:
+        return self._scorer.model.metadata
+
+    def stats(self) -> dict[str, Any]:
+        """Batch counters plus the live batching settings and which replica answered."""
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "pid": os.getpid(),
+            "threads": self._threads,
+            "max_batch_size": self._score_batched._get_max_batch_size(),
+            "batch_wait_timeout_s": self._score_batched._get_batch_wait_timeout_s(),
+            **self._stats.snapshot(),
+        }

@@ -1,0 +1,125 @@
+"""The job-queue interface and the job record every backend returns.
+
+Every method is synchronous and short; async callers (the Ingress and the JobWorker)
+run them with ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: str
+    state: str
+    total: int
+    done: int
+    failed: int
+    idempotency_key: str | None
+    body_hash: str | None
+    callback_url: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    expires_at: float | None
+    claims: int
+    error: str | None
+    webhook_state: str
+    webhook_attempts: int
+    webhook_last_error: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL
+
+    def public(self) -> dict[str, Any]:
+        """What callers see of a job (status endpoint and webhook payload); no owner."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "status_url": f"/v1/jobs/{self.id}",
+            "progress": {"done": self.done, "total": self.total, "failed": self.failed},
+            "created_at": _iso(self.created_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "expires_at": _iso(self.expires_at),
+            "error": self.error,
+            "webhook": None
+            if self.callback_url is None
+            else {
+                "state": self.webhook_state,
+                "attempts": self.webhook_attempts,
+                "last_error": self.webhook_last_error,
+            },
+        }
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used before with a different body."""
+
+
+class JobQueue(Protocol):
+    """A durable, at-least-once queue of jobs with leases, per-item results and webhooks."""
+
+    def create(
+        self,
+        owner: str,
+        items: Sequence[dict[str, Any] | None],
+        rejected: dict[int, dict[str, Any]],
+        callback_url: str | None,
+        idempotency_key: str | None,
+        body_hash: str,
+    ) -> tuple[Job, bool]: ...
+
+    def get(self, job_id: str, owner: str) -> Job | None: ...
+
+    def get_any(self, job_id: str) -> Job | None: ...
+
+    def results(self, job_id: str, offset: int, limit: int) -> list[dict[str, Any]]: ...
+
+    def cancel(self, job_id: str, owner: str) -> Job | None: ...
+
+    def depth(self) -> int: ...
+
+    def claim(self, worker: str, lease_s: float) -> Job | None: ...
+
+    def pending_items(self, job_id: str, limit: int) -> list[tuple[int, dict[str, Any]]]: ...
+
+    def save_results(
+        self,
+        job_id: str,
+        worker: str,
+        lease_s: float,
+        results: Sequence[tuple[int, dict[str, Any]]],
+    ) -> bool: ...
+
+    def finish(
+        self,
+        job_id: str,
+        worker: str,
+        state: str,
+        error: str | None,
+        lease_s: float,
+        result_ttl_s: float,
+    ) -> bool: ...
+
+    def record_webhook(
+        self, job_id: str, state: str, attempts: int, next_at: float, error: str | None
+    ) -> None: ...
+
+    def purge_expired(self) -> int: ...
+
+    def close(self) -> None: ...

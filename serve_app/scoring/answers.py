@@ -1,0 +1,116 @@
+"""The Ingress side of scoring, with no Ray: cached answers, batches, one hop for misses.
+
+The Ingress deployment passes in how to reach the Model (``call_model`` for a list,
+``submit`` for one item through the coalescer); everything else is here and is tested
+without a cluster:
+
+* :class:`Answers` builds the answer for a scored item and keeps it in the prediction
+  cache (the single and the batch path share it);
+* :func:`score_one` answers one item: a cache hit, or one coalesced call;
+* :func:`score_batch` answers a batch: dedupe, serve cache hits, send the unique misses in
+  ONE call, and put every item's result back at its index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from serve_app.cache import PredictionCache
+from serve_app.errors import InvalidInput, error_for_item
+from serve_app.scoring.items import Item, ItemKey, ItemResult, is_error, item_key, unique_items
+from serve_app.scoring.scorer import ModelAnswer
+
+Answer = dict[str, Any]
+ModelCall = Callable[[list[Item]], Awaitable[ModelAnswer]]
+Submit = Callable[[Item], Awaitable[tuple[str, ItemResult]]]
+
+
+class Answers:
+    """Builds answers and caches the clean ones, keyed by model version and item."""
+
+    def __init__(self, cache: PredictionCache) -> None:
+        self.cache = cache
+        self.version: str | None = None  # the newest model version seen
+
+    def cached(self, item: Item) -> Answer | None:
+        hit = self.cache.get((self.version, *item_key(item)))
+        return None if hit is None else {**hit, "cached": True}
+
+    def record(self, item: Item, version: str, result: ItemResult) -> Answer:
+        """The answer for a fresh result (cached unless degraded); errors pass through."""
+        self.version = version
+        if is_error(result):
+            return result
+        answer = {"entity_id": item["entity_id"], "model_version": version, "cached": False}
+        answer.update(result)
+        self.cache.put((version, *item_key(item)), answer)
+        return answer
+
+
+async def score_one(item: Item, answers: Answers, submit: Submit) -> Answer:
+    """One item's answer, or the exception its error maps to (404, 503, ...)."""
+    hit = answers.cached(item)
+    if hit is not None:
+        return hit
+    version, result = await submit(item)
+    answer = answers.record(item, version, result)
+    if is_error(answer):
+        raise error_for_item(answer["error"])
+    return answer
+
+
+async def score_batch(
+    entries: Sequence[Item | InvalidInput], answers: Answers, call_model: ModelCall
+) -> dict[str, Any]:
+    """The ``/v1/predict/batch`` body: a result per entry, in order, and a summary."""
+    unique = unique_items(entry for entry in entries if not isinstance(entry, InvalidInput))
+    by_key: dict[ItemKey, Answer] = {}
+    misses: list[Item] = []
+    for item in unique:
+        hit = answers.cached(item)
+        if hit is None:
+            misses.append(item)
+        else:
+            by_key[item_key(item)] = hit
+    if misses:
+        answer = await call_model(misses)
+        for item, result in zip(misses, answer["results"], strict=True):
+            by_key[item_key(item)] = answers.record(item, answer["model_version"], result)
+    results = [batch_result(index, entry, by_key) for index, entry in enumerate(entries)]
+    failed = sum(1 for result in results if not result["ok"])
+    return {
+        "model_version": answers.version,
+        "results": results,
+        "summary": {
+            "items": len(results),
+            "unique": len(unique),
+            "succeeded": len(results) - failed,
+            "failed": failed,
+            "cached": sum(1 for result in results if result.get("cached")),
+        },
+    }
+
+
+def batch_result(
+    index: int, entry: Item | InvalidInput, by_key: dict[ItemKey, Answer]
+) -> dict[str, Any]:
+    """One entry of a batch response: a score, or this item's own error."""
+    if isinstance(entry, InvalidInput):
+        return {"index": index, "ok": False, "error": entry.to_dict()}
+    answer = by_key[item_key(entry)]
+    if is_error(answer):
+        return {"index": index, "ok": False, "entity_id": entry["entity_id"], **answer}
+    return {
+        "index": index,
+        "ok": True,
+        "entity_id": entry["entity_id"],
+        "score": answer["score"],
+        "cached": answer["cached"],
+        "degraded": answer["degraded"],
+    }
+
+
+def job_result(item: Item, result: ItemResult) -> dict[str, Any]:
+    """What a job stores for one item (the batch shape, without index and cache flag)."""
+    return {"ok": not is_error(result), "entity_id": item["entity_id"], **result}

@@ -1,0 +1,49 @@
+"""Secret files: API keys and the webhook signing secret, created 0600 and read back.
+
+Kept free of Ray, FastAPI and scikit-learn so that ``serve-app keygen`` starts at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from pathlib import Path
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def new_api_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` + base64 of 32 random bytes."""
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(os.urandom(32)).decode()
+
+
+def write_secret_file(path: Path, content: str) -> bool:
+    """Create ``path`` readable by its owner only (0600) unless it exists."""
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(content)
+    return True
+
+
+def write_key_file(path: Path) -> str | None:
+    """Create ``path`` with one new key unless it exists; return the new key."""
+    key = new_api_key()
+    if not write_secret_file(path, "# serve_app API keys, one a line\n" + key + "\n"):
+        return None
+    return key
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-empty lines of a secret file, ``#`` comments skipped; [] if it does not exist."""
+    if not path.is_file():
+        return []
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]

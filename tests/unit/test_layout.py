@@ -1,0 +1,90 @@
+"""The layout's promises, checked: a Ray-free core, offline code apart, no import cycles."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "serve_app"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """serve_app module -> the serve_app modules it imports (at any depth in the file)."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        graph[_module_name(path)] = {m for m in found if m.startswith("serve_app")}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph = _imports()
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        if state.get(module) == "done":
+            return
+        assert state.get(module) != "open", "import cycle: " + " -> ".join([*trail, module])
+        state[module] = "open"
+        for target in graph.get(module, ()):
+            if target in graph:
+                visit(target, [*trail, module])
+        state[module] = "done"
+
+    for module in graph:
+        visit(module, [])
+
+
+def _imported_by(code: str, cwd: Path | None = None) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys\nprint(' '.join(sorted(sys.modules)))"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    ).stdout
+    return set(out.split())
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "serve_app.scoring.answers",
+        "serve_app.scoring.scorer",
+        "serve_app.api.validation",
+        "serve_app.api.deps",
+        "serve_app.stores",
+        "serve_app.jobs",
+    ],
+)
+def test_the_core_runs_without_ray(module: str) -> None:
+    assert "ray" not in _imported_by(f"import {module}")
+
+
+def test_replicas_never_import_offline_code() -> None:
+    deployments = [p.stem for p in (PACKAGE / "deployments").glob("[!_]*.py")]
+    code = "\n".join(f"import serve_app.deployments.{name}" for name in deployments)
+    offline = {m for m in _imported_by(code) if m.startswith("serve_app.offline")}
+    assert offline == set()
+    assert len(deployments) == 4
+
+
+def test_keygen_does_not_import_ray_fastapi_or_sklearn(tmp_path: Path) -> None:
+    config = PACKAGE.parent / "configs" / "config.yaml"
+    code = f"from serve_app.offline import cli\ncli.main(['keygen', '--config', {str(config)!r}])"
+    heavy = _imported_by(code, cwd=tmp_path) & {"ray", "fastapi", "sklearn", "pandas", "httpx"}
+    assert heavy == set()
+    for secret in (".secrets/api_keys", ".secrets/webhook_secret"):
+        assert (tmp_path / secret).stat().st_mode & 0o777 == 0o600
