@@ -291,13 +291,12 @@ class Ingress:
     async def cancel_job(self, job_id: JobId, owner: Owner) -> dict[str, Any]:
         """Cancel a job that has not finished yet."""
         queue = self._job_queue()
-        before = await asyncio.to_thread(queue.get, job_id, owner)
-        if before is None:
+        result_ttl_s = self._config.jobs.result_ttl_s
+        job, cancelled = await asyncio.to_thread(queue.cancel, job_id, owner, result_ttl_s)
+        if job is None:
             raise NotFound(f"no job {job_id!r} for this API key")
-        if before.finished:
-            raise Conflict(f"job is already {before.state}", [{"type": "job_finished"}])
-        job = await asyncio.to_thread(queue.cancel, job_id, owner)
-        assert job is not None
+        if not cancelled:
+            raise Conflict(f"job is already {job.state}", [{"type": "job_finished"}])
         return job.public()
 
     # ---- operations ------------------------------------------------------------------

@@ -184,17 +184,27 @@ class SQLiteJobQueue:
             ).fetchall()
         return [{"index": idx, **json.loads(result)} for idx, result in rows]
 
-    def cancel(self, job_id: str, owner: str) -> Job | None:
-        """Cancel a job that has not finished; a finished one is returned unchanged."""
+    def cancel(self, job_id: str, owner: str, result_ttl_s: float) -> tuple[Job | None, bool]:
+        """Cancel a job unless it has finished, in one step; return it and whether it was.
+
+        Check and change are one UPDATE, so a job that finishes at the same moment is
+        either cancelled or reported finished, never both. A cancelled job is purged
+        after ``result_ttl_s`` like any finished one.
+        """
+        now = time.time()
         with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET state = 'cancelled', finished_at = ?,"
+            cursor = db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, expires_at = ?,"
                 " webhook_state = CASE WHEN callback_url IS NULL THEN 'none' ELSE 'pending' END,"
                 " lease_until = 0"
                 " WHERE id = ? AND owner = ? AND state IN ('queued', 'running')",
-                (time.time(), job_id, owner),
+                (now, now + result_ttl_s, job_id, owner),
             )
-        return self.get(job_id, owner)
+            cancelled = cursor.rowcount == 1
+            row = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ? AND owner = ?", (job_id, owner)
+            ).fetchone()
+        return (Job(*row) if row else None), cancelled
 
     def depth(self) -> int:
         """Jobs waiting or running: the JobWorker's autoscaling metric."""

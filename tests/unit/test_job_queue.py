@@ -63,7 +63,7 @@ def test_idempotency_and_ownership(queue: SQLiteJobQueue) -> None:
         queue.create("alice", ITEMS, {}, None, "key-1", "hash-b")
     bob, created = queue.create("bob", ITEMS, {}, None, "key-1", "hash-b")
     assert created and bob.id != job.id
-    assert queue.get(job.id, "bob") is None and queue.cancel(job.id, "bob") is None
+    assert queue.get(job.id, "bob") is None and queue.cancel(job.id, "bob", 60) == (None, False)
 
 
 def test_rejected_items_are_stored_as_errors_at_once(queue: SQLiteJobQueue) -> None:
@@ -76,8 +76,11 @@ def test_rejected_items_are_stored_as_errors_at_once(queue: SQLiteJobQueue) -> N
 def test_cancel_stops_the_worker_and_owes_a_webhook(queue: SQLiteJobQueue) -> None:
     job, _ = queue.create("o", ITEMS, {}, "https://93.184.216.34/h", None, "h")
     queue.claim("w1", 30)
-    cancelled = queue.cancel(job.id, "o")
-    assert cancelled is not None and cancelled.state == "cancelled"
+    cancelled, changed = queue.cancel(job.id, "o", 60)
+    assert changed and cancelled is not None and cancelled.state == "cancelled"
+    assert cancelled.expires_at is not None  # purged after the retention time like others
+    again, changed_again = queue.cancel(job.id, "o", 60)
+    assert again is not None and again.state == "cancelled" and not changed_again
     assert cancelled.webhook_state == "pending"
     assert not queue.save_results(job.id, "w1", 30, [(0, {"score": 0.5})])
     webhook_claim = queue.claim("w2", 30)
