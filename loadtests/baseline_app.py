@@ -6,9 +6,10 @@ It does the same work per request as serve_app, without Ray and without any cach
 * ``POST /v1/predict/batch``: one bulk SQLite look-up and one ``predict_proba`` for
   the whole request.
 
-Same artifact (checksum-verified by :func:`serve_app.artifact.load_artifact`), same store
-class (:class:`serve_app.feature_store.SQLiteFeatureStore`, a connection per call), same
-request schemas and the same pre-processing (:func:`serve_app.features.build_frame`).
+Same artifact (checksum-verified by :func:`serve_app.scoring.artifact.load_artifact`), same
+store class (:class:`serve_app.stores.sqlite.SQLiteFeatureStore`, a connection per call),
+same request schemas and the same pre-processing
+(:func:`serve_app.scoring.features.build_frame`).
 There is NO prediction cache and NO feature cache here, and no API-key check (a
 constant-time compare, negligible next to the model). scikit-learn's OpenMP threads are
 pinned to 1 with threadpoolctl, as serve_app pins them per replica; unpinned they
@@ -31,10 +32,10 @@ from fastapi import FastAPI, HTTPException
 from pydantic import ValidationError
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from serve_app.artifact import LoadedModel, load_artifact
-from serve_app.feature_store import SQLiteFeatureStore
-from serve_app.features import build_frame
-from serve_app.schemas import PREDICT_REQUEST, BatchRequest, PredictRequest
+from serve_app.api.schemas import PREDICT_REQUEST, BatchRequest, PredictRequest
+from serve_app.scoring.artifact import LoadedModel, load_artifact
+from serve_app.scoring.features import build_frame
+from serve_app.stores.sqlite import SQLiteFeatureStore
 
 
 def create_app(model_dir: Path, sqlite_path: Path) -> FastAPI:

@@ -16,11 +16,9 @@ Prints a markdown table and writes it to loadtests/results/bench_jobs.md.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import random
-import secrets
 import sys
 import tempfile
 import threading
@@ -31,15 +29,18 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python loadtests/<this>.py
 
-from serve_app.launch import (  # noqa: E402
-    THROUGHPUT_ENV,
-    deploy_config,
+from loadtests.harness import (
+    RESULTS,
     free_port,
-    local_config,
-    wait_ready,
+    local_ray,
+    new_api_key,
+    serve_app_up,
+    serve_config,
+    serve_environment,
+    set_nested,
+    write_report,
 )
 
 
@@ -72,27 +73,11 @@ class WebhookClock(BaseHTTPRequestHandler):
         return
 
 
-def start_app(workdir: Path, api_key: str) -> str:
-    import ray
-
-    os.environ.update(
-        {
-            **THROUGHPUT_ENV,
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
-            "SERVE_APP_API_KEYS": api_key,
-            "SERVE_APP_WEBHOOK_SECRET": "whsec_"
-            + base64.b64encode(secrets.token_bytes(32)).decode(),
-        }
-    )
-    port = free_port()
-    config = local_config(ROOT / "configs" / "config.yaml", workdir, port)
-    args = config["applications"][0]["args"]
-    args["jobs"]["webhooks"]["allowed_hosts"] = ["127.0.0.1"]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    deploy_config(config)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
-    return url
+def start_app(workdir: Path) -> str:
+    """configs/config.yaml with a loopback webhook receiver allowed; its base URL."""
+    config = serve_config(workdir)
+    set_nested(config["applications"][0]["args"], "jobs.webhooks.allowed_hosts", ["127.0.0.1"])
+    return serve_app_up(config, timeout_s=180, ready_s=60)
 
 
 def main() -> int:
@@ -101,17 +86,17 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=1_000)
     args = parser.parse_args()
     rng = random.Random(7)
-    api_key = "bench-" + secrets.token_urlsafe(24)
+    api_key = new_api_key()
     receiver = ThreadingHTTPServer(("127.0.0.1", free_port()), WebhookClock)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
 
-    import ray
-    from ray import serve
-
     try:
-        with tempfile.TemporaryDirectory(prefix="serve_app-jobs-") as workdir:
-            url = start_app(Path(workdir), api_key)
+        with (
+            tempfile.TemporaryDirectory(prefix="bj_", dir="/tmp") as tmp,  # short: socket paths
+            local_ray(serve_environment(Path(tmp), api_key)),
+        ):
+            url = start_app(Path(tmp))
             client = httpx.Client(
                 base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120
             )
@@ -138,8 +123,6 @@ def main() -> int:
                 failed += body["summary"]["failed"]
             batch_s = time.perf_counter() - started
     finally:
-        serve.shutdown()
-        ray.shutdown()
         receiver.shutdown()
 
     rows = [
@@ -167,11 +150,7 @@ def main() -> int:
         "",
         f"Jobs / batch endpoint: {rows[0][1] / rows[1][1]:.2f}x items/s.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = ROOT / "loadtests" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_jobs.md").write_text(text + "\n")
+    write_report("\n".join(lines) + "\n", RESULTS / "bench_jobs.md")
     return 0
 
 

@@ -4,7 +4,7 @@
 
 What it measures (issue #4 item 7), all on loopback and in a temp dir:
 
-1. builds the example store and model (``serve_app.build.build_artifacts``) and starts
+1. builds the example store and model (``serve_app.offline.artifacts.build_artifacts``) and starts
    ``loadtests/feature_api.py`` over that store, with ``--latency-ms`` injected per call:
    the remote feature API that all three services fetch from;
 2. starts ``loadtests/talk_baselines.py`` twice: ``normal`` (blocking fetch per item, on
@@ -26,7 +26,7 @@ What it measures (issue #4 item 7), all on loopback and in a temp dir:
    ``loadtests/results/bench_talk.md``, with a bar chart in ``bench_talk.png``.
 
 Everything it starts is stopped in ``finally`` blocks; a Ray process it started and that
-outlives ``ray.shutdown()`` is reported and killed by PID (``bench_predict.local_ray``).
+outlives ``ray.shutdown()`` is reported and killed by PID (``harness.local_ray``).
 """
 
 from __future__ import annotations
@@ -37,27 +37,50 @@ import contextlib
 import os
 import platform
 import random
-import resource
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-try:
-    from loadtests import bench_predict as bp
-except ModuleNotFoundError:  # run as a script: python loadtests/bench_talk.py
-    import bench_predict as bp  # type: ignore[no-redef]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python loadtests/<this>.py
 
-ROOT = Path(__file__).resolve().parents[1]
-LUA_POST = ROOT / "loadtests" / "wrk_post.lua"
-RESULTS = ROOT / "loadtests" / "results"
+from loadtests.harness import (
+    RESULTS,
+    Case,
+    Row,
+    add_load_arguments,
+    build_example_artifacts,
+    command_line,
+    cpu_meter,
+    fetcher_delta,
+    fmt,
+    items_per_batch,
+    local_ray,
+    make_cases,
+    md_header,
+    md_row,
+    new_api_key,
+    noise_notes,
+    non_2xx_notes,
+    process_ticks,
+    progress_line,
+    serve_app_up,
+    serve_config,
+    serve_environment,
+    server,
+    set_nested,
+    stats_delta,
+    stats_snapshot,
+    write_report,
+    wrk_json,
+    wrk_post,
+)
+
 CONTEXT_CHANNELS = ("web", "app", "store")
 
 # wrk script for GET /healthz: no response() callback (wrk then skips body parsing);
@@ -80,9 +103,6 @@ end
 # ---- what is measured ------------------------------------------------------------------
 
 
-Case = bp.Case
-
-
 @dataclass(frozen=True)
 class Target:
     key: str  # "normal", "fast" or "serve_app"
@@ -92,29 +112,9 @@ class Target:
 
 
 @dataclass
-class Row:
-    case: Case
-    target: Target
-    wrk: dict[str, Any]
+class TalkRow(Row):
     cache: str = "-"  # prediction / feature cache hits
     batch: str = "-"  # items per predict_proba in serve_app's Model
-    cpu: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def seconds(self) -> float:
-        return float(self.wrk["duration_us"]) / 1e6
-
-    @property
-    def req_s(self) -> float:
-        return float(self.wrk["requests"]) / self.seconds
-
-    @property
-    def items_s(self) -> float:
-        return float(self.wrk["scored"]) / self.seconds
-
-    @property
-    def non_2xx(self) -> int:
-        return sum(n for code, n in self.wrk["codes"].items() if not 200 <= int(code) < 300)
 
 
 @dataclass(frozen=True)
@@ -126,14 +126,10 @@ class Ceilings:
     healthz: dict[str, Any]  # wrk JSON of GET /healthz
 
 
-run_wrk = bp.wrk_json
-
-
 def post_load(
     case: Case, target: Target, args: argparse.Namespace, seed: int, seconds: float, token: str
 ) -> dict[str, Any]:
-    script_args = [str(args.n_ids), str(case.batch), "uniform", str(seed), token]
-    return run_wrk(target.base_url + case.path, LUA_POST, script_args, seconds, args)
+    return wrk_post(target.base_url, case, args.n_ids, "uniform", seed, token, seconds, args)
 
 
 def settle(target: Target, token: str, timeout_s: float = 120) -> float:
@@ -181,78 +177,6 @@ def expected_lru_hits(n_ids: int, before: int, drawn: int) -> float:
     return 1 - n_ids * q**before * (1 - q**drawn) / drawn
 
 
-# ---- processes -------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def server(
-    name: str, module: str, options: list[str], ready_path: str, workdir: Path
-) -> Iterator[tuple[str, int]]:
-    """``python -m module options --port P`` on a free loopback port; yields (url, pid)."""
-    port = bp.free_port()
-    log_path = workdir / f"{name}.log"
-    command = [sys.executable, "-m", module, *options, "--port", str(port)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SERVE_APP_"))}
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited: {log_path.read_text()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(base_url + ready_path, timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} did not start within 60 s")
-                time.sleep(0.3)
-            print(f"{name} up on {base_url} (pid {proc.pid})", flush=True)
-            yield base_url, proc.pid
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
-
-def process_ticks(pid: int) -> int:
-    """User + system clock ticks of one process (0 if it is gone)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])
-
-
-@contextlib.contextmanager
-def cpu_meter(into: dict[str, float], pids: dict[str, int]) -> Iterator[None]:
-    """Cores busy per group: the named pids, "Ray" (all our other descendants), wrk, machine."""
-
-    def snapshot() -> dict[str, int]:
-        ticks = dict.fromkeys([*pids, "Ray"], 0)
-        named = {pid: group for group, pid in pids.items()}
-        for pid in bp.descendants():
-            ticks[named.get(pid, "Ray")] += process_ticks(pid)
-        return ticks
-
-    before, children = snapshot(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    machine, started = bp.machine_busy_ticks(), time.perf_counter()
-    yield
-    after, done = snapshot(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall, hz = time.perf_counter() - started, os.sysconf("SC_CLK_TCK")
-    for group, ticks in after.items():
-        into[group] = max(0, ticks - before.get(group, 0)) / hz / wall
-    into["wrk"] = (done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime) / wall
-    into["machine"] = (bp.machine_busy_ticks() - machine) / hz / wall
-
-
-# ---- ceilings --------------------------------------------------------------------------
-
-
 def model_ceiling(
     model_dir: Path, sqlite: Path, n_ids: int, batch: int, seconds: float
 ) -> tuple[float, float, float]:
@@ -260,9 +184,9 @@ def model_ceiling(
     ms per call, items/s of build_frame + predict_proba)."""
     from threadpoolctl import threadpool_limits
 
-    from serve_app.artifact import load_artifact
-    from serve_app.feature_store import SQLiteFeatureStore
-    from serve_app.features import build_frame
+    from serve_app.scoring.artifact import load_artifact
+    from serve_app.scoring.features import build_frame
+    from serve_app.stores.sqlite import SQLiteFeatureStore
 
     model = load_artifact(model_dir)
     rng = random.Random(0)
@@ -297,18 +221,26 @@ def model_ceiling(
 # ---- the report ------------------------------------------------------------------------
 
 
-def fmt(value: float, digits: int = 0) -> str:
-    return f"{value:,.{digits}f}"
-
-
-def table(rows: list[Row], ceilings: Ceilings) -> str:
-    header = (
-        "| case | target | req/s | items/s | p50 ms | p99 ms | non-2xx | timeouts "
-        "| other sock err | degraded / failed items | cache hits: prediction / feature "
-        "| Model items per batch | serve_app / normal | serve_app / fast "
-        "| cores busy: target / feature API / wrk / machine |"
+def table(rows: list[TalkRow], ceilings: Ceilings) -> str:
+    lines = md_header(
+        [
+            "case",
+            "target",
+            "req/s",
+            "items/s",
+            "p50 ms",
+            "p99 ms",
+            "non-2xx",
+            "timeouts",
+            "other sock err",
+            "degraded / failed items",
+            "cache hits: prediction / feature",
+            "Model items per batch",
+            "serve_app / normal",
+            "serve_app / fast",
+            "cores busy: target / feature API / wrk / machine",
+        ]
     )
-    lines = [header, "|" + "---|" * 15]
     by_key = {(row.case.name, row.target.key): row for row in rows}
     for row in rows:
         latency, errors = row.wrk["latency_us"], row.wrk["errors"]
@@ -319,8 +251,7 @@ def table(rows: list[Row], ceilings: Ceilings) -> str:
                 ratios[i] = f"{row.items_s / base.items_s:.1f}x" if base and base.items_s else "-"
         cpu = row.cpu
         lines.append(
-            "| "
-            + " | ".join(
+            md_row(
                 [
                     row.case.name,
                     row.target.label,
@@ -340,7 +271,6 @@ def table(rows: list[Row], ceilings: Ceilings) -> str:
                     f"{cpu.get('machine', 0):.2f}",
                 ]
             )
-            + " |"
         )
     health = ceilings.healthz
     errors = health["errors"]
@@ -362,11 +292,13 @@ def table(rows: list[Row], ceilings: Ceilings) -> str:
     return "\n".join(lines)
 
 
-def report(rows: list[Row], ceilings: Ceilings, args: argparse.Namespace, notes: list[str]) -> str:
+def report(
+    rows: list[TalkRow], ceilings: Ceilings, args: argparse.Namespace, notes: list[str]
+) -> str:
     head = [
         f"## bench_talk: {time.strftime('%Y-%m-%d %H:%M:%S')}",
         "",
-        f"`{' '.join(['python', *sys.argv])}`",
+        f"`{command_line()}`",
         "",
         f"{os.cpu_count()} CPUs ({platform.machine()}); wrk -t{args.threads} "
         f"-c{args.connections} --timeout {args.wrk_timeout}s, {args.duration:g} s per row "
@@ -395,17 +327,12 @@ def report(rows: list[Row], ceilings: Ceilings, args: argparse.Namespace, notes:
         f"on {ceilings.batch} rows (measured in this process before Ray started); the "
         "no-op row is wrk on GET /healthz through HAProxy, same -t/-c, no auth.",
         *[f"- {note}" for note in notes[1:]],
-        *[
-            f"- non-2xx in {r.case.name} / {r.target.label}: {r.wrk['codes']}; first: "
-            f"`{r.wrk['sample'][:200]}`"
-            for r in rows
-            if r.non_2xx
-        ],
+        *non_2xx_notes(rows),
     ]
     return "\n".join([*head, table(rows, ceilings), *legend]) + "\n"
 
 
-def chart(rows: list[Row], ceilings: Ceilings, path: Path, args: argparse.Namespace) -> None:
+def chart(rows: list[TalkRow], ceilings: Ceilings, path: Path, args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -457,17 +384,24 @@ def chart(rows: list[Row], ceilings: Ceilings, path: Path, args: argparse.Namesp
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--duration", type=float, default=15, help="seconds per row")
-    parser.add_argument("--warmup", type=float, default=3, help="seconds before each row")
+    add_load_arguments(parser, duration=15, wrk_timeout=30, timeout_help="seconds")
     parser.add_argument("--latency-ms", type=float, default=5, help="feature API delay/call")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--wrk-timeout", type=int, default=30, help="seconds")
     parser.add_argument("--ceiling-batch", type=int, default=512)
     parser.add_argument("--ceiling-seconds", type=float, default=3)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     return parser.parse_args(argv)
+
+
+def cache_and_batch(row: TalkRow, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """serve_app's cells: cache hits from the answers and /v1/stats, Model batch sizes."""
+    fetcher = fetcher_delta(before, after)
+    prediction = 100 * row.wrk["cached"] / max(1, row.wrk["scored"])
+    feature = "n/a (>1 replica)"
+    if fetcher is not None:
+        looked_up = fetcher["cache_hits"] + fetcher["cache_misses"]
+        feature = f"{100 * fetcher['cache_hits'] / max(1, looked_up):.0f}%"
+    row.cache = f"{prediction:.0f}% / {feature}"
+    row.batch = items_per_batch(stats_delta(before, after), f"{after['replicas']} replicas I/M/F")
 
 
 def measure(
@@ -476,12 +410,13 @@ def measure(
     args: argparse.Namespace,
     api_key: str,
     pids: dict[str, int],
-) -> list[Row]:
+) -> list[TalkRow]:
     """Every case against every target, the same seeds for each target."""
     serve_url = next(t.base_url for t in targets if t.key == "serve_app")
     drawn = dict.fromkeys([t.key for t in targets], 0)  # items sent so far, per target
+    named = {pid: group for group, pid in pids.items()}
     seed = secrets.randbelow(1_000_000)
-    rows: list[Row] = []
+    rows: list[TalkRow] = []
     with httpx.Client(
         base_url=serve_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
     ) as client:
@@ -491,30 +426,15 @@ def measure(
                 warm = post_load(case, target, args, seed, args.warmup, api_key)
                 drawn[target.key] += warm["requests"] * case.items_per_request
                 settle(target, api_key)
-                before = bp.stats_snapshot(client) if target.key == "serve_app" else None
+                before = stats_snapshot(client) if target.key == "serve_app" else None
                 cpu: dict[str, float] = {}
-                with cpu_meter(cpu, pids):
+                with cpu_meter(cpu, lambda pid, _: named.get(pid, "Ray"), [*pids, "Ray"]):
                     measured = post_load(case, target, args, seed + 1, args.duration, api_key)
                 waited = settle(target, api_key)
-                row = Row(case, target, measured, cpu=cpu)
+                row = TalkRow(case, target, measured, cpu=cpu)
                 sent = measured["requests"] * case.items_per_request
                 if before is not None:
-                    after = bp.stats_snapshot(client)
-                    model, fetcher = bp.stats_delta(before, after), bp.fetcher_delta(before, after)
-                    prediction = 100 * measured["cached"] / max(1, measured["scored"])
-                    feature = "n/a (>1 replica)"
-                    if fetcher is not None:
-                        looked_up = fetcher["cache_hits"] + fetcher["cache_misses"]
-                        feature = f"{100 * fetcher['cache_hits'] / max(1, looked_up):.0f}%"
-                    row.cache = f"{prediction:.0f}% / {feature}"
-                    batches = model["batches"]
-                    row.batch = (
-                        f"{model['unique_items'] / batches:.1f} "
-                        f"({model['requests'] / batches:.1f} calls, "
-                        f"{after['replicas']} replicas I/M/F)"
-                        if batches
-                        else "0 batches"
-                    )
+                    cache_and_batch(row, before, stats_snapshot(client))
                 elif target.key == "fast":
                     hits = expected_lru_hits(args.n_ids, drawn["fast"], sent)
                     row.cache = f"- / ~{100 * hits:.0f}%"
@@ -522,68 +442,54 @@ def measure(
                     row.cache = "- / none"
                 drawn[target.key] += sent
                 rows.append(row)
-                print(
-                    f"{case.name:26} {target.label:28} {row.req_s:8.1f} req/s "
-                    f"{row.items_s:9.1f} items/s p99 {measured['latency_us']['p99'] / 1000:8.1f}"
-                    f" ms non-2xx {row.non_2xx} timeouts {measured['errors']['timeout']} "
-                    f"(settled in {waited:.1f}s)"
-                    + (f"  sample: {measured['sample']}" if measured["sample"] else ""),
-                    flush=True,
+                extra = (
+                    f" p99 {measured['latency_us']['p99'] / 1000:.1f} ms timeouts "
+                    f"{measured['errors']['timeout']} (settled in {waited:.1f}s)"
                 )
+                print(progress_line(row, extra), flush=True)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serve_app.build import build_artifacts
-    from serve_app.config import AppConfig
-    from serve_app.launch import deploy_config, wait_ready
-
     args = parse_args(argv)
-    cases = bp.make_cases(args.batch_size)
-    notes = bp.noise_notes()
-    api_key = "bench-" + secrets.token_urlsafe(24)
+    cases = make_cases(args.batch_size)
+    notes = noise_notes()
+    api_key = new_api_key()
     began = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="bt_", dir="/tmp") as tmp:  # short: socket paths
         workdir = Path(tmp)
         model_dir, sqlite = workdir / "model", workdir / "features.db"
-        config = bp.serve_config(model_dir, sqlite, bp.free_port())
-        app_args = AppConfig.model_validate(config["applications"][0]["args"])
-        args.n_ids = app_args.artifacts.n_entities
-        build_artifacts(app_args)  # the SQLite store (served by the feature API) and model
-        print(f"artifacts built in {time.perf_counter() - began:.1f}s in {workdir}", flush=True)
+        config = serve_config(workdir)
+        # the SQLite store (served by the feature API) and the model
+        args.n_ids = build_example_artifacts(config).artifacts.n_entities
 
         model_items_s, model_ms, frame_items_s = model_ceiling(
             model_dir, sqlite, args.n_ids, args.ceiling_batch, args.ceiling_seconds
         )
         print(f"model ceiling: {model_items_s:,.0f} items/s at batch {args.ceiling_batch}")
 
-        feature_options = ["--db", str(sqlite), "--latency-ms", str(args.latency_ms)]
+        feature_argv = ["-m", "loadtests.feature_api", "--db", str(sqlite)]
+        feature_argv += ["--latency-ms", str(args.latency_ms)]
+
+        def talk_argv(mode: str, feature_url: str) -> list[str]:
+            module = ["-m", "loadtests.talk_baselines", "--mode", mode]
+            return [*module, "--model-dir", str(model_dir), "--feature-api", feature_url]
+
         with (
-            bp.local_ray(bp.serve_environment(workdir, api_key)),
-            server(
-                "feature API", "loadtests.feature_api", feature_options, "/healthz", workdir
-            ) as (feature_url, feature_pid),
-            server(
-                "normal",
-                "loadtests.talk_baselines",
-                ["--mode", "normal", "--model-dir", str(model_dir), "--feature-api", feature_url],
-                "/openapi.json",
-                workdir,
-            ) as (normal_url, normal_pid),
-            server(
-                "fast",
-                "loadtests.talk_baselines",
-                ["--mode", "fast", "--model-dir", str(model_dir), "--feature-api", feature_url],
-                "/openapi.json",
-                workdir,
-            ) as (fast_url, fast_pid),
+            local_ray(serve_environment(workdir, api_key)),
+            server("feature API", feature_argv, "/healthz", workdir) as (feature_url, feature_pid),
+            server("normal", talk_argv("normal", feature_url), "/openapi.json", workdir) as (
+                normal_url,
+                normal_pid,
+            ),
+            server("fast", talk_argv("fast", feature_url), "/openapi.json", workdir) as (
+                fast_url,
+                fast_pid,
+            ),
         ):
-            config["applications"][0]["args"]["store"]["url"] = feature_url
-            deploy_config(config, timeout_s=240)
-            serve_url = f"http://127.0.0.1:{config['http_options']['port']}"
-            wait_ready(serve_url, timeout_s=90)
-            print(f"serve_app up on {serve_url}", flush=True)
+            set_nested(config["applications"][0]["args"], "store.url", feature_url)
+            serve_url = serve_app_up(config, ready_s=90)
             targets = [
                 Target("normal", "talk: normal", normal_url, normal_pid),
                 Target("fast", "talk: fast", fast_url, fast_pid),
@@ -594,18 +500,15 @@ def main(argv: list[str] | None = None) -> int:
 
             lua_get = workdir / "get.lua"
             lua_get.write_text(LUA_GET)
-            run_wrk(f"{serve_url}/healthz", lua_get, [], args.warmup, args)
-            healthz = run_wrk(f"{serve_url}/healthz", lua_get, [], args.duration, args)
+            wrk_json(f"{serve_url}/healthz", lua_get, [], args.warmup, args)
+            healthz = wrk_json(f"{serve_url}/healthz", lua_get, [], args.duration, args)
             print(f"no-op ceiling: {healthz['requests'] / (healthz['duration_us'] / 1e6):,.0f}")
 
     ceilings = Ceilings(model_items_s, model_ms, frame_items_s, args.ceiling_batch, healthz)
     notes.append(f"whole run took {time.perf_counter() - began:.0f} s")
-    text = report(rows, ceilings, args, notes)
-    print("\n" + text)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "bench_talk.md").write_text(text)
+    write_report(report(rows, ceilings, args, notes), args.out_dir / "bench_talk.md")
     chart(rows, ceilings, args.out_dir / "bench_talk.png", args)
-    print(f"written to {args.out_dir / 'bench_talk.md'} and {args.out_dir / 'bench_talk.png'}")
+    print(f"chart written to {args.out_dir / 'bench_talk.png'}")
     return 0
 
 

@@ -22,7 +22,7 @@ import uvicorn
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
-from serve_app.features import ENTITY_FEATURES
+from serve_app.scoring.features import ENTITY_FEATURES
 
 
 class BulkRequest(BaseModel):

@@ -16,38 +16,40 @@ hard deadline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python loadtests/<this>.py
 
-from loadtests.stages import total_duration  # noqa: E402
-from serve_app.launch import (  # noqa: E402
-    THROUGHPUT_ENV,
-    deploy_config,
-    free_port,
-    local_config,
+from loadtests.harness import (
+    APP_NAME,
+    LOADTESTS,
+    RESULTS,
+    ROOT,
+    local_ray,
+    new_api_key,
     replica_counts,
-    wait_ready,
+    serve_app_up,
+    serve_config,
+    serve_environment,
 )
+from loadtests.stages import total_duration
 
-APP_NAME = "serve_app"
 FAST_METRICS_ENV = {
     # replicas and handles report load every 0.5 s instead of 10 s: scaling within seconds
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
 }
 
 
@@ -71,19 +73,16 @@ class Sampler:
         self._stop.set()
 
 
-def start_local_app(config_path: Path, workdir: Path, api_key: str) -> str:
-    """Start Ray and deploy ``config_path`` with files under ``workdir``; return the URL."""
+@contextlib.contextmanager
+def attached_ray() -> Iterator[None]:
+    """The Ray of an app started elsewhere (``--target``): sample it, leave it running."""
     import ray
 
-    os.environ.update({**THROUGHPUT_ENV, **FAST_METRICS_ENV, "SERVE_APP_API_KEYS": api_key})
-    port = free_port()
-    config = local_config(config_path, workdir, port)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    print(f"deploying {config_path.name} on a local Ray ...", flush=True)
-    deploy_config(config)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
-    return url
+    ray.init(address="auto", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def run_locust(url: str, out: Path, args: argparse.Namespace, api_key: str) -> int:
@@ -101,7 +100,7 @@ def run_locust(url: str, out: Path, args: argparse.Namespace, api_key: str) -> i
         "-m",
         "locust",
         "-f",
-        str(ROOT / "loadtests" / "locustfile.py"),
+        str(LOADTESTS / "locustfile.py"),
         "--headless",
         "--host",
         url,
@@ -297,24 +296,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle-s", type=float, default=5.0, help="sampling after locust")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    out = (
-        args.out
-        or ROOT / "loadtests" / "results" / f"{args.shape}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    out = args.out or RESULTS / f"{args.shape}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
 
-    import ray
-    from ray import serve
-
     started_here = args.target is None
-    api_key = args.api_key or "loadtest-" + secrets.token_urlsafe(24)
-    try:
-        with tempfile.TemporaryDirectory(prefix="serve_app-load-") as workdir:
+    api_key = args.api_key or new_api_key("loadtest")
+    with tempfile.TemporaryDirectory(prefix="ra_", dir="/tmp") as tmp:  # short: socket paths
+        workdir = Path(tmp)
+        env = {**serve_environment(workdir, api_key), **FAST_METRICS_ENV}
+        with local_ray(env) if started_here else attached_ray():
             if started_here:
-                url = start_local_app(args.config, Path(workdir), api_key)
+                print(f"deploying {args.config.name} on a local Ray ...", flush=True)
+                url = serve_app_up(serve_config(workdir, args.config), timeout_s=180, ready_s=60)
             else:
                 url = args.target.rstrip("/")
-                ray.init(address="auto", log_to_driver=False)
             sampler = Sampler()
             thread = threading.Thread(target=sampler.run, daemon=True)
             thread.start()
@@ -326,10 +321,6 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.settle_s)
             sampler.stop()
             thread.join()
-    finally:
-        if started_here:
-            serve.shutdown()
-        ray.shutdown()
 
     history = read_history(out)
     offset = wall_start - load_start  # locust wall-clock -> sampler seconds

@@ -29,9 +29,10 @@ from fastapi import FastAPI, HTTPException
 from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
 
-from serve_app.artifact import load_artifact
-from serve_app.features import build_frame
-from serve_app.schemas import PREDICT_REQUEST, BatchRequest, PredictRequest
+from serve_app.api.schemas import PREDICT_REQUEST, BatchRequest, PredictRequest
+from serve_app.scoring.artifact import load_artifact
+from serve_app.scoring.features import build_frame
+from serve_app.scoring.items import item_key
 
 
 def create_app(mode: str, model_dir: Path, feature_api: str) -> FastAPI:
@@ -89,14 +90,14 @@ def create_app(mode: str, model_dir: Path, feature_api: str) -> FastAPI:
             return {
                 "results": [answer(i, r, s) for i, r, s in zip(items, rows, scores, strict=True)]
             }
-        unique = list({item.cache_key(): item for item in items}.values())  # dedupe
+        unique = list({item_key(item.to_item()): item for item in items}.values())  # dedupe
         rows = await fetch_concurrently([item.entity_id for item in unique])
         scores = predict(rows, unique)  # one predict for the whole request
         by_key = {
-            item.cache_key(): answer(item, row, score)
+            item_key(item.to_item()): answer(item, row, score)
             for item, row, score in zip(unique, rows, scores, strict=True)
         }
-        return {"results": [by_key[item.cache_key()] for item in items]}
+        return {"results": [by_key[item_key(item.to_item())] for item in items]}
 
     return app
 

@@ -1,7 +1,7 @@
 """A real local Ray cluster and the real Serve config, started once per test session.
 
-The app is deployed the way ``serve run configs/config.yaml`` deploys it (the controller
-applies the YAML's ServeDeploySchema), in throughput-optimised HAProxy mode, with its
+The app is deployed the way ``serve run configs/config.yaml`` deploys it (by that very
+command, see ``loadtests/launch.py``), in throughput-optimised HAProxy mode, with its
 files redirected to a temp dir and HTTP on a free loopback port.
 """
 
@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import copy
+import itertools
 import os
 import secrets
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,15 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.launch import THROUGHPUT_ENV, deploy_config, free_port, local_config, wait_ready
+from loadtests.launch import (
+    THROUGHPUT_ENV,
+    deploy_config,
+    local_config,
+    set_nested,
+    wait_ready,
+)
+from loadtests.launch import free_port as any_free_port
+from serve_app.config import AppConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_NAME = "serve_app"
@@ -36,21 +47,41 @@ SERVE_ENV = {
 }
 
 
+# Webhooks may go to a non-public host only on a port its allowed_hosts entry names, so
+# the tests' receivers listen on a pool of loopback ports that the test config allows.
+WEBHOOK_PORTS = tuple(any_free_port() for _ in range(16))
+_webhook_ports = itertools.cycle(WEBHOOK_PORTS)
+
+
+def free_port() -> int:
+    """A free loopback port from :data:`WEBHOOK_PORTS` (webhook receivers need one)."""
+    for _ in range(len(WEBHOOK_PORTS)):
+        port = next(_webhook_ports)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"every port of {WEBHOOK_PORTS} is in use")
+
+
 def load_test_config(workdir: Path, port: int) -> dict[str, Any]:
     """configs/config.yaml with files under ``workdir`` and HTTP on ``port``."""
     config = local_config(ROOT / "configs" / "config.yaml", workdir, port)
-    args = config["applications"][0]["args"]
-    jobs = args["jobs"]
-    jobs["lease_s"] = 3  # a killed worker's job is claimed again within seconds
-    jobs["chunk_size"] = 250
-    webhooks = jobs["webhooks"]
-    webhooks.update(
-        allowed_hosts=["127.0.0.1"],  # the test's receiver is on loopback
-        timeout_s=2,
-        max_attempts=4,
-        backoff_initial_s=0.5,
-        backoff_max_s=1,
-    )
+    args = config["applications"][0]["args"]  # local_config made sure it is a dict
+    overrides = {
+        "jobs.lease_s": 3,  # a killed worker's job is claimed again within seconds
+        "jobs.chunk_size": 250,
+        # receivers on loopback
+        "jobs.webhooks.allowed_hosts": [f"127.0.0.1:{port}" for port in WEBHOOK_PORTS],
+        "jobs.webhooks.timeout_s": 2,
+        "jobs.webhooks.max_attempts": 4,
+        "jobs.webhooks.backoff_initial_s": 0.5,
+        "jobs.webhooks.backoff_max_s": 1,
+    }
+    for key, value in overrides.items():
+        set_nested(args, key, value)
     return config
 
 
@@ -72,6 +103,26 @@ class ServeApp:
     @property
     def store_path(self) -> Path:
         return self.workdir / "features.db"
+
+    @property
+    def settings(self) -> AppConfig:
+        """The app's validated ``args``: every setting, defaults included."""
+        return AppConfig.model_validate(self.config["applications"][0].get("args") or {})
+
+    def wait_for_replicas(self, deployment: str, count: int, timeout_s: float = 120) -> None:
+        """Wait until ``deployment`` has exactly ``count`` RUNNING replicas (and no others
+        starting or stopping), e.g. after an earlier test made it scale out."""
+        from ray import serve
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            app = serve.status().applications.get(APP_NAME)
+            states = app.deployments[deployment].replica_states if app else {}
+            if states.get("RUNNING", 0) == count == sum(states.values()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{deployment}: {states}, not {count} RUNNING replicas")
+            time.sleep(0.5)
 
     def stats(self) -> dict[str, Any]:
         response = self.client.get("/v1/stats")
