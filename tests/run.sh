@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The README's test command: install what the tests need on a fresh machine, then pytest.
+#   bash tests/run.sh [pytest args...]
+# Debian packages need root (or sudo); Python packages go into .venv, pinned by the lock.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+
+# Servers and tools the tests start for real (Debian packages). Installed when missing;
+# a test whose server is missing fails, it never skips.
+need=()
+for pair in redis-server:redis-server postgres:postgresql prometheus:prometheus \
+            chromium:chromium wrk:wrk podman:podman mmdebstrap:mmdebstrap; do
+  binary=${pair%%:*} package=${pair##*:}
+  if [ "$binary" = postgres ]; then
+    ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=("$package")
+  else
+    command -v "$binary" >/dev/null || need+=("$package")
+  fi
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null \
+    || { echo "FAIL: could not install ${need[*]}" >&2; exit 1; }
+fi
+
+python3 -m venv .venv \
+  && .venv/bin/pip install -q -c requirements.lock -e '.[test]' \
+  || { echo "FAIL: could not install the Python packages" >&2; exit 1; }
+exec .venv/bin/python -m pytest "$@"
