@@ -20,9 +20,10 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OrdinalEncoder
+from threadpoolctl import threadpool_limits
 
 from serve_app.offline.datagen import generate_training_events
-from serve_app.scoring.artifact import METADATA_FILE, MODEL_FILE, sha256_of
+from serve_app.scoring.artifact import METADATA_FILE, MODEL_FILE, record_built, sha256_of
 from serve_app.scoring.features import (
     CATEGORICAL_FEATURES,
     CATEGORIES,
@@ -65,8 +66,11 @@ def train(entities: Any, seed: int) -> tuple[Pipeline, dict[str, float]]:
     events = events[list(MODEL_COLUMNS)]
     train_x, test_x = events.iloc[:N_TRAIN_EVENTS], events.iloc[N_TRAIN_EVENTS:]
     train_y, test_y = labels[:N_TRAIN_EVENTS], labels[N_TRAIN_EVENTS:]
-    pipeline = make_pipeline(seed).fit(train_x, train_y)
-    proba = pipeline.predict_proba(test_x)[:, 1]
+    # HistGradientBoosting's result depends on its OpenMP thread count: train on one
+    # thread so the same seed and lock give the same model on every machine.
+    with threadpool_limits(limits=1, user_api="openmp"):
+        pipeline = make_pipeline(seed).fit(train_x, train_y)
+        proba = pipeline.predict_proba(test_x)[:, 1]
     metrics = {
         "roc_auc": round(float(roc_auc_score(test_y, proba)), 4),
         "log_loss": round(float(log_loss(test_y, proba)), 4),
@@ -103,4 +107,5 @@ def write_artifact(
             child.unlink()
         model_dir.rmdir()
     os.replace(staging, model_dir)
+    record_built(model_dir, checksum)  # this process may serve it without a pin
     return metadata
