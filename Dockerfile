@@ -91,12 +91,15 @@ sys.exit(0 if got == want else f'model {got} != expected {want}: lock or trainin
  && chmod 0555 var/model && chmod 0444 var/model/*
 
 FROM ${BASE_IMAGE}
+# The Ray settings below are those of configs/serve.env (the README run command loads it).
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
     RAY_SERVE_ENABLE_HA_PROXY=1 \
+    RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2 \
+    RAY_SERVE_HAPROXY_RETRY_ON="conn-failure empty-response" \
     RAY_USAGE_STATS_ENABLED=0
 # No RUN in this stage: the user (10001) comes from the build stage (same base), so no
 # build-time mount point can end up in a layer of the image.

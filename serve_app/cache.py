@@ -1,4 +1,5 @@
-"""Caches: a bulk TTL cache with single-flight for feature look-ups, and the prediction cache.
+"""Caches: a bulk TTL cache with single-flight for feature look-ups, and the prediction cache
+(local, or local in front of Redis to share hits between Ingress replicas on every node).
 
 cachetools gives the eviction policies (TTL, LRU); what it does not give is
 *single-flight* for asyncio: when many concurrent requests miss on the same key, only one
@@ -10,6 +11,7 @@ Each replica runs one event loop, so no locks are needed.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, Generic, TypeVar
@@ -142,3 +144,89 @@ class PredictionCache:
     def put(self, key: Hashable, value: dict[str, Any]) -> None:
         if self.enabled and not value.get("degraded") and "error" not in value:
             self._cache[key] = value
+
+
+class SharedPredictionCache(PredictionCache):
+    """The local LRU in front of Redis, so Ingress replicas on every node share hits.
+
+    Reads stay synchronous and local (:meth:`get`); the Ingress calls :meth:`prefetch`
+    before scoring, which copies the shared answers of the items not in the local LRU
+    with ONE ``MGET``, and :meth:`flush` after, which writes the new answers with one
+    pipeline of ``SET ... PX ttl`` (expiry is Redis's TTL). Keys carry the model version,
+    so a new model never serves an old model's answers::
+
+        serve_app:pred:v1:{model_version}:{json [entity_id, amount, hour, channel]}
+
+    Redis is an optimisation here, never a dependency: any Redis error or a look-up slower
+    than ``timeout_s`` is counted and skipped, and the request is scored as a miss.
+    """
+
+    PREFIX = "serve_app:pred:v1:"
+
+    def __init__(
+        self,
+        url: str,
+        maxsize: int,
+        ttl_s: float,
+        timeout_s: float = 0.05,
+        max_connections: int = 16,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        import redis.asyncio as aioredis
+
+        super().__init__(maxsize, ttl_s, True, timer)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s, socket_connect_timeout=1.0
+        )
+        self._redis = aioredis.Redis.from_pool(pool)
+        self._ttl_ms = max(1, int(ttl_s * 1000))
+        self._timeout_s = timeout_s
+        self._outbox: dict[str, dict[str, Any]] = {}
+        self.shared_hits = 0
+        self.shared_errors = 0
+
+    @classmethod
+    def redis_key(cls, key: Hashable) -> str:
+        """The Redis key of a local key ``(model_version, *item_key)``."""
+        version, *rest = key  # type: ignore[misc]
+        return f"{cls.PREFIX}{version}:{json.dumps(rest, separators=(',', ':'))}"
+
+    def put(self, key: Hashable, value: dict[str, Any]) -> None:
+        if value.get("degraded") or "error" in value:
+            return
+        super().put(key, value)
+        self._outbox[self.redis_key(key)] = value
+
+    async def prefetch(self, keys: Iterable[Hashable]) -> int:
+        """Copy shared answers for ``keys`` missing locally into the LRU; how many were found."""
+        missing = {self.redis_key(key): key for key in keys if key not in self._cache}
+        if not missing:
+            return 0
+        try:
+            values = await asyncio.wait_for(self._redis.mget(list(missing)), self._timeout_s)
+        except Exception:  # redis errors, timeouts: a miss, never a failed request
+            self.shared_errors += 1
+            return 0
+        found = 0
+        for key, value in zip(missing.values(), values, strict=True):
+            if value is not None:
+                self._cache[key] = json.loads(value)
+                found += 1
+        self.shared_hits += found
+        return found
+
+    async def flush(self) -> None:
+        """Write the answers computed since the last flush, in one pipeline."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for redis_key, value in outbox.items():
+                    pipe.set(redis_key, json.dumps(value, separators=(",", ":")), px=self._ttl_ms)
+                await asyncio.wait_for(pipe.execute(), max(self._timeout_s, 1.0))
+        except Exception:
+            self.shared_errors += 1
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()

@@ -17,6 +17,7 @@ the app states them (a test keeps ``docker.yaml`` equal to ``config.yaml`` there
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,8 +25,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.errors import ConfigError
+from serve_app.net_policy import parse_host_rule
 
 SQLITE_PREFIX = "sqlite:///"
+# The backend of every store, queue and cache is chosen by its URL's scheme, here only.
+STORE_SCHEMES = (SQLITE_PREFIX, "redis://", "rediss://", "http://", "https://")
+QUEUE_SCHEMES = (SQLITE_PREFIX, "postgresql://", "postgres://")
+CACHE_SCHEMES = ("redis://", "rediss://")
 
 
 class StrictModel(BaseModel):
@@ -47,6 +53,38 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url.removeprefix(SQLITE_PREFIX)) if url.startswith(SQLITE_PREFIX) else None
 
 
+def url_scheme(url: str, schemes: tuple[str, ...], what: str) -> str:
+    """The scheme prefix of ``url`` among ``schemes``, or ValueError naming them."""
+    for scheme in schemes:
+        if url.startswith(scheme):
+            return scheme
+    raise ValueError(f"{what} url must start with {', '.join(schemes)}")
+
+
+def check_url(url: str, schemes: tuple[str, ...], what: str) -> str:
+    """Validate a URL's scheme; a URL that is wholly ``${VAR}`` is checked when opened.
+
+    So a YAML can say ``url: ${SERVE_APP_REDIS_URL}`` and be validated where that
+    variable is not set (CI, the ``k8s`` command); the replica that opens it needs it.
+    """
+    expanded = os.path.expandvars(url)
+    if not expanded.startswith("${"):
+        url_scheme(expanded, schemes, what)
+    return url
+
+
+def expand_env(url: str) -> str:
+    """``${VAR}`` in a URL comes from the environment: passwords never sit in a YAML.
+
+    Expanded where a connection is opened, in the replica, so the secret never travels in
+    the deployment's arguments; validation (:func:`check_url`) only checks the scheme.
+    """
+    expanded = os.path.expandvars(url)
+    if "${" in expanded:
+        raise ValueError(f"unset environment variable in url {url!r}")
+    return expanded
+
+
 def _resolve_url(url: str, base: Path) -> str:
     path = sqlite_path(url)
     return url if path is None else SQLITE_PREFIX + str((base / path).resolve())
@@ -61,6 +99,18 @@ class ArtifactConfig(_Settings):
 
     model_dir: str = "var/model"
     build_if_missing: bool = Field(True, description="First start builds store and model.")
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="The model file's expected sha256 (`serve-app build` prints it); a "
+        "mismatch refuses to start. Pinned here, not beside the model, so whoever can "
+        "write the model directory cannot forge it.",
+    )
+    allow_unpinned: bool = Field(
+        False,
+        description="Load a model without a sha256 pin (its metadata.json checksum only "
+        "catches corruption). A model built by this very start is accepted unpinned anyway.",
+    )
     n_entities: int = Field(100_000, ge=1_000)
     seed: int = 7
 
@@ -69,7 +119,9 @@ class StoreConfig(_Settings):
     """The feature store behind the FeatureFetcher pool."""
 
     url: str = Field(
-        "sqlite:///var/features.db", description="sqlite:///FILE or http(s)://feature-api"
+        "sqlite:///var/features.db",
+        description="sqlite:///FILE, redis://[:${PASSWORD}@]HOST:PORT/DB or "
+        "http(s)://feature-api; ${VAR} is read from the environment.",
     )
     timeout_s: float = Field(0.5, gt=0, le=30, description="Per look-up attempt.")
     attempts: int = Field(2, ge=1, le=5)
@@ -80,9 +132,7 @@ class StoreConfig(_Settings):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        if not url.startswith((SQLITE_PREFIX, "http://", "https://")):
-            raise ValueError("store url must start with sqlite:///, http:// or https://")
-        return url
+        return check_url(url, STORE_SCHEMES, "store")
 
 
 class AuthConfig(_Settings):
@@ -91,16 +141,37 @@ class AuthConfig(_Settings):
     enabled: bool = True
     keys_env: str = "SERVE_APP_API_KEYS"
     keys_file: str | None = Field(
-        ".secrets/api_keys", description="`serve-app keygen` creates it (mode 0600)."
+        ".secrets/api_keys",
+        description="`serve-app keygen [--id NAME]` creates it (mode 0600); lines are KEY or "
+        "NAME:KEY, and a named key's jobs belong to NAME (rotation keeps them).",
+    )
+    reload_interval_s: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="Every replica re-reads keys_file this often (on the next request) and "
+        "applies a changed content: revoked keys stop working everywhere within it.",
     )
 
 
 class PredictionCacheConfig(_Settings):
-    """LRU + TTL cache of finished predictions, in each ingress replica."""
+    """LRU + TTL cache of finished predictions in each ingress replica, optionally shared."""
 
     enabled: bool = True
     maxsize: int = Field(100_000, ge=1)
     ttl_s: float = Field(300.0, gt=0)
+    url: str | None = Field(
+        None,
+        description="redis://HOST:PORT/DB: Ingress replicas on every node share hits "
+        "(keyed by model version, expiry by Redis TTL); the local LRU stays in front.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        return check_url(url, CACHE_SCHEMES, "prediction_cache")
 
 
 class LimitsConfig(_Settings):
@@ -109,11 +180,19 @@ class LimitsConfig(_Settings):
     max_batch_items: int = Field(1_000, ge=1, le=100_000)
     max_body_bytes: int = Field(2_000_000, ge=1_024)
     request_timeout_s: float = Field(10.0, gt=0)
+    max_queue_delay_s: float = Field(
+        0.4,
+        gt=0,
+        le=10,
+        description="Admission: a request that would wait longer than this (measured per "
+        "Ingress replica: in-flight / drain rate) gets 503 + Retry-After at once. 0.1 s "
+        "shed 95% of a 128-connection closed-loop load whose natural queueing is ~0.2 s.",
+    )
     max_inflight_requests: int = Field(
         200,
         ge=1,
-        description="Per Ingress replica; past it 503 + Retry-After at once. Keep it below "
-        "the Ingress's max_ongoing_requests.",
+        description="Per Ingress replica, a backstop behind max_queue_delay_s: past it 503 "
+        "+ Retry-After at once. Keep it below the Ingress's max_ongoing_requests.",
     )
 
 
@@ -125,12 +204,37 @@ class WebhookConfig(_Settings):
         ".secrets/webhook_secret", description="`serve-app keygen` creates it."
     )
     allowed_hosts: tuple[str, ...] = Field(
-        (), description='Loopback/private hosts (names, IPs, CIDRs) allowed, e.g. ["127.0.0.1"].'
+        (),
+        description="Hosts allowed although not public, each with its port: HOST:PORT "
+        '(a name, IP or CIDR; IPv6 as [ADDR]:PORT), e.g. ["127.0.0.1:8123"]. Without a port '
+        "only allowed_ports.",
     )
-    timeout_s: float = Field(5.0, gt=0, le=60)
+    allowed_ports: tuple[int, ...] = Field(
+        (80, 443), description="Ports a public callback URL may use."
+    )
+    timeout_s: float = Field(
+        5.0, gt=0, le=60, description="One deadline per attempt: DNS, connect, send, response."
+    )
+    max_response_bytes: int = Field(
+        65_536, ge=0, description="At most this much of a receiver's answer is read."
+    )
     max_attempts: int = Field(8, ge=1, le=50)
     backoff_initial_s: float = Field(1.0, gt=0)
     backoff_max_s: float = Field(300.0, gt=0)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _parseable_hosts(cls, entries: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in entries:
+            parse_host_rule(entry)
+        return entries
+
+    @field_validator("allowed_ports")
+    @classmethod
+    def _valid_ports(cls, ports: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 1 <= port <= 65535 for port in ports):
+            raise ValueError("ports are 1-65535")
+        return ports
 
 
 class JobsConfig(_Settings):
@@ -138,10 +242,29 @@ class JobsConfig(_Settings):
 
     enabled: bool = True
     queue_url: str = Field(
-        "sqlite:///var/jobs.db", description="SQLite in WAL mode, leases for at-least-once."
+        "sqlite:///var/jobs.db",
+        description="sqlite:///FILE (WAL mode) or postgresql://USER:${PASSWORD}@HOST/DB; "
+        "leases for at-least-once.",
     )
     max_items: int = Field(100_000, ge=1)
     max_body_bytes: int = Field(16_000_000, ge=1_024)
+    max_concurrent_creations_per_key: int = Field(
+        2,
+        ge=1,
+        description="Job submissions one API key may have in progress per Ingress "
+        "replica (bounds memory: a body may be 16 MB); beyond it 429 + Retry-After.",
+    )
+    max_concurrent_creations: int = Field(
+        4,
+        ge=1,
+        description="Job submissions in progress per Ingress replica, all keys together; "
+        "past it 503 + Retry-After.",
+    )
+    max_queued_items_per_key: int = Field(
+        300_000,
+        ge=1,
+        description="Items one API key may have waiting in the queue; past it 429.",
+    )
     chunk_size: int = Field(500, ge=1, le=10_000, description="Items per Model call.")
     lease_s: float = Field(30.0, gt=0, description="A dead worker's job is claimed after this.")
     max_claims: int = Field(5, ge=1, description="A job claimed this often fails (poison job).")
@@ -149,6 +272,11 @@ class JobsConfig(_Settings):
     result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="Then results are purged.")
     results_page_max: int = Field(1_000, ge=1)
     webhooks: WebhookConfig = WebhookConfig()
+
+    @field_validator("queue_url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        return check_url(url, QUEUE_SCHEMES, "jobs.queue")
 
 
 class AppConfig(_Settings):
@@ -160,6 +288,11 @@ class AppConfig(_Settings):
     prediction_cache: PredictionCacheConfig = PredictionCacheConfig()
     limits: LimitsConfig = LimitsConfig()
     jobs: JobsConfig = JobsConfig()
+    allow_sqlite_on_cluster: bool = Field(
+        False,
+        description="Start with a sqlite:/// store or queue on a Ray cluster of more than "
+        "one node (each node would see its own files). Refused unless true.",
+    )
 
     def resolved(self, base: Path) -> AppConfig:
         """Return a copy with relative paths made absolute against ``base``.
@@ -225,6 +358,12 @@ class FetcherTuning(_Settings):
     cache_enabled: bool = True
     cache_maxsize: int = Field(200_000, ge=1)
     cache_ttl_s: float = Field(60.0, gt=0)
+    known_ids_refresh_s: float = Field(
+        300.0,
+        gt=0,
+        description="Reload the set of known entity ids (kept so that unknown ids still get "
+        "404 while the store is down) this often; SQLite and Redis stores only.",
+    )
 
 
 TUNING_BY_DEPLOYMENT: dict[str, type[_Settings]] = {

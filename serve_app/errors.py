@@ -14,7 +14,9 @@
     │   └── Conflict            409
     └── ServiceError            ours or a dependency's -> 5xx, with Retry-After
         ├── StoreUnavailable    503, the feature store failed and fallback is off
-        └── Overloaded          503, a deployment is saturated or timed out
+        ├── Overloaded          503, a deployment is saturated or timed out
+        ├── QueueBusy           503, the job queue's database is locked; retry shortly
+        └── TooManyRequests     429, this API key's share of the job queue is in use
 
 Every error has a stable machine-readable ``code``; the ingress turns any of them into
 ``{"error": {"code", "message", "details"}}`` with the right status.
@@ -33,6 +35,11 @@ class ServeAppError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Picklable whatever the subclass's signature: jobs are created in worker
+        processes, and their errors must reach the Ingress whole (message, details)."""
+        return (_rebuild, (type(self), self.message, self.details))
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -104,6 +111,24 @@ class StoreUnavailable(ServiceError):
 
 class Overloaded(ServiceError):
     code = "overloaded"
+
+
+class QueueBusy(ServiceError):
+    code = "queue_busy"
+
+
+class TooManyRequests(ServiceError):
+    """429 with ``Retry-After``: a per-key cap, not an outage (hence no 503)."""
+
+    status_code = 429
+    code = "too_many_requests"
+    retry_after_s = 5
+
+
+def _rebuild(cls: type[ServeAppError], message: str, details: Any) -> ServeAppError:
+    error = cls.__new__(cls)
+    ServeAppError.__init__(error, message, details)
+    return error
 
 
 def error_for_item(error: dict[str, Any]) -> ServeAppError:

@@ -41,6 +41,21 @@ def write_key_file(path: Path) -> str | None:
     return key
 
 
+def append_key(path: Path, key_id: str) -> str:
+    """Add a ``NAME:KEY`` line to ``path`` (created 0600 if missing); return the new key.
+
+    Rotation: add a key with the same name, move callers over, delete the old line; the
+    jobs belong to the name, so none is orphaned.
+    """
+    key = new_api_key()
+    line = f"{key_id}:{key}\n"
+    if write_secret_file(path, "# serve_app API keys, one a line: KEY or NAME:KEY\n" + line):
+        return key
+    with path.open("a") as handle:
+        handle.write(line)
+    return key
+
+
 def read_lines(path: Path) -> list[str]:
     """Non-empty lines of a secret file, ``#`` comments skipped; [] if it does not exist."""
     if not path.is_file():

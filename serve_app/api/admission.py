@@ -1,29 +1,286 @@
-"""Admission control: shed load early with 503 + ``Retry-After`` instead of queueing.
+"""Admission control by measured queueing delay: 503 + ``Retry-After`` instead of a queue.
 
-A request past ``limits.max_inflight_requests`` in one Ingress replica is refused at
-once: answering "retry shortly" in a millisecond beats queueing until every caller times
-out. Each replica runs one event loop, so a plain counter needs no lock.
+A request that would wait longer than ``limits.max_queue_delay_s`` before being served is
+refused at once. Answering "retry in N s" in a millisecond beats queueing until callers
+time out, and it keeps the latency of the requests that are admitted bounded: goodput
+stays near capacity at any offered load, and the queue never grows past what the replica
+drains in ``max_queue_delay_s``.
+
+What a new request would wait is measured, not configured as a count (a fixed in-flight
+limit is right for one speed of the service only: too many when the Model slows down, too
+few when the cache answers):
+
+* **time here**: ``inflight / rate``, where ``rate`` is the requests this replica
+  finished per second *while it was busy* (a sliding window). By Little's law that is
+  how long a newcomer would spend in the replica. Measuring only busy time keeps the
+  rate right at low load: one request every second says nothing about how fast the
+  replica drains a queue.
+* **less the service time**: the lowest mean latency of any quarter-second window in the
+  last 30 s, which is what a request needs with no queue at all (batching waits, hops
+  and the usual jitter included; the minimum of single latencies would count jitter as
+  queue). What is left is waiting. Without this, a replica admitting one request at a time would measure
+  that request's own service time as "queue", refuse the next, and never recover.
+
+The event loop's lag is measured and reported (``/v1/stats``) but does not decide: under
+a storm of refusals the loop is busy answering them, and refusing more because of it
+would turn a burst into a lock-out. A limit on ``inflight`` stays as a backstop
+(``limits.max_inflight_requests``).
+
+``Retry-After`` comes from the same measurement: the seconds the replica needs, at the
+measured rate, to drain what is waiting now, in flight plus the requests refused during
+the last second (their clients come back). It grows with the overload, which spreads the
+retries out instead of sending them all back after one second.
+
+Each replica runs one event loop, so the counters need no lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from serve_app.api.request_id import sanitize
 from serve_app.errors import Overloaded
+
+# The drain rate is the busy-time rate over windows of this length, smoothed.
+_WINDOW_S = 0.25
+_SMOOTHING = 0.5  # weight of the newest window
+# A window busy for less than this says too little about the rate to be used.
+_MIN_BUSY_S = 0.02
+# The service time with no queue: the lowest window-mean latency of the last 30 s.
+_BASE_WINDOWS = 120
+_LAG_PERIOD_S = 0.02
+_LAG_DECAY = 0.5
+MAX_RETRY_AFTER_S = 60
+# Below this many requests in flight nothing is refused: they all fit in the next list the
+# coalescer sends to the Model (its batches hold 128), so none waits behind the others;
+# and a measurement from a handful of requests on a noisy machine is mostly jitter.
+MIN_INFLIGHT = 16
 
 
 class Admission:
-    def __init__(self, max_inflight: int) -> None:
+    """Admit a request while the measured wait ahead of it is under ``max_queue_delay_s``."""
+
+    def __init__(
+        self,
+        max_queue_delay_s: float,
+        max_inflight: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        monitor_loop: bool = True,
+    ) -> None:
+        self.max_queue_delay_s = max_queue_delay_s
         self.max_inflight = max_inflight
+        self._clock = clock
+        self._monitor_loop = monitor_loop
+        self._lag_task: asyncio.Task[None] | None = None
         self.inflight = 0
+        self.admitted = 0
+        self.refused = 0
+        self.rate: float | None = None  # requests/s while busy; None until measured
+        self.loop_lag_s = 0.0
+        now = clock()
+        self._last_change = now
+        self._window_start = now
+        self._window_busy_s = 0.0
+        self._window_done = 0
+        self._window_latency_s = 0.0
+        self._recent_means: deque[float] = deque(maxlen=_BASE_WINDOWS)
+        self.service_s = 0.0  # lowest recent window-mean latency: service with no queue
+        self._refusals: list[float] = []  # times of refusals in the last second
+
+    # ---- the measurement -------------------------------------------------------------
+
+    def _account(self, now: float) -> None:
+        """Busy time since the last change of ``inflight``, and the window's rate."""
+        if self.inflight > 0:
+            self._window_busy_s += now - self._last_change
+        self._last_change = now
+        if now - self._window_start >= _WINDOW_S:
+            if self._window_busy_s >= _MIN_BUSY_S and self._window_done > 0:
+                measured = self._window_done / self._window_busy_s
+                self.rate = (
+                    measured
+                    if self.rate is None
+                    else _SMOOTHING * measured + (1 - _SMOOTHING) * self.rate
+                )
+            if self._window_done > 0:
+                self._recent_means.append(self._window_latency_s / self._window_done)
+                self.service_s = min(self._recent_means)
+            self._window_start = now
+            self._window_busy_s = 0.0
+            self._window_done = 0
+            self._window_latency_s = 0.0
+
+    def queue_delay_s(self) -> float:
+        """What a request arriving now would wait before being served (seconds).
+
+        ``inflight / rate`` is the time it would spend here (Little's law); less the
+        service time it needs even with no queue, the rest is waiting.
+        """
+        if self.rate is None:
+            return 0.0
+        return max(0.0, self.inflight / self.rate - self.service_s)
+
+    def retry_after_s(self, now: float | None = None) -> int:
+        """Seconds until what waits now (in flight + refused in the last second) drains."""
+        now = self._clock() if now is None else now
+        self._forget_refusals(now)
+        if self.rate is None:
+            return 1
+        waiting = self.inflight + len(self._refusals)
+        drain = waiting / self.rate
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(drain)))
+
+    def _forget_refusals(self, now: float) -> None:
+        refusals = self._refusals
+        if refusals and refusals[0] < now - 1.0:
+            cut = 0
+            while cut < len(refusals) and refusals[cut] < now - 1.0:
+                cut += 1
+            del refusals[:cut]
+
+    # ---- event-loop lag ----------------------------------------------------------------
+
+    def _ensure_lag_monitor(self) -> None:
+        if self._monitor_loop and self._lag_task is None:
+            with contextlib.suppress(RuntimeError):  # no running loop (sync tests)
+                self._lag_task = asyncio.get_running_loop().create_task(self._watch_lag())
+
+    async def _watch_lag(self) -> None:
+        """Sample how late a short sleep wakes up; decay towards each new sample."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(_LAG_PERIOD_S)
+            lag = max(0.0, loop.time() - started - _LAG_PERIOD_S)
+            self.loop_lag_s = _LAG_DECAY * lag + (1 - _LAG_DECAY) * self.loop_lag_s
+
+    def close(self) -> None:
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            self._lag_task = None
+
+    # ---- admit -------------------------------------------------------------------------
+
+    def _too_busy(self) -> bool:
+        """The in-flight backstop is reached, or the measured wait is too long.
+
+        Below :data:`MIN_INFLIGHT` requests in flight the wait is not checked: they fit in
+        one coalesced list, and refusing them could starve the measurement itself.
+        """
+        if self.max_inflight is not None and self.inflight >= self.max_inflight:
+            return True
+        if self.inflight < MIN_INFLIGHT:
+            return False
+        return self.queue_delay_s() > self.max_queue_delay_s
 
     @contextmanager
     def admit(self) -> Iterator[None]:
-        if self.inflight >= self.max_inflight:
-            raise Overloaded("too many requests in progress; retry shortly")
+        """Hold a slot for the body of the ``with``; :class:`Overloaded` if the wait is too long."""
+        self._ensure_lag_monitor()
+        now = self._clock()
+        self._account(now)
+        if self._too_busy():
+            self.refused += 1
+            self._refusals.append(now)
+            error = Overloaded(
+                "the service is at capacity; retry after the Retry-After seconds",
+                {
+                    "queue_delay_ms": round(1000 * self.queue_delay_s(), 1),
+                    "max_queue_delay_ms": round(1000 * self.max_queue_delay_s, 1),
+                },
+            )
+            error.retry_after_s = self.retry_after_s(now)
+            raise error
+        self.admitted += 1
         self.inflight += 1
         try:
             yield
         finally:
+            done = self._clock()
+            self._account(done)
             self.inflight -= 1
+            self._window_done += 1
+            self._window_latency_s += done - now
+
+    def snapshot(self) -> dict[str, float | int | None]:
+        """Counters and the current measurement, for ``/v1/stats``."""
+        return {
+            "inflight": self.inflight,
+            "admitted": self.admitted,
+            "refused": self.refused,
+            "drain_rate_per_s": None if self.rate is None else round(self.rate, 1),
+            "queue_delay_ms": round(1000 * self.queue_delay_s(), 2),
+            "service_ms": round(1000 * self.service_s, 2),
+            "loop_lag_ms": round(1000 * self.loop_lag_s, 2),
+            "max_queue_delay_ms": round(1000 * self.max_queue_delay_s, 1),
+        }
+
+
+# ---- at the edge of the app ---------------------------------------------------------------
+
+# The routes that do work: only they are admitted (health, status and stats stay open).
+ADMITTED_ROUTES = frozenset(
+    {("POST", "/v1/predict"), ("POST", "/v1/predict/batch"), ("POST", "/v1/jobs")}
+)
+SCOPE_KEY = "serve_app.admitted"
+
+
+class AdmissionMiddleware:
+    """Admission in front of routing, auth and body parsing: a refusal must be cheap.
+
+    Measured on 2 cores: refused through FastAPI's dependency path, a 503 cost the
+    ingress about 1 ms of CPU, as much as an admitted prediction, so at 4x the load the
+    refusals alone needed more CPU than the machine has. Here the decision is made on the
+    raw ASGI scope and the answer is a few pre-encoded bytes. The :data:`Admitted`
+    dependency then sees the slot is held (``scope[SCOPE_KEY]``) and does nothing.
+
+    The replica's :class:`Admission` is found on ``app.state.api_context`` (set by the
+    Ingress when it starts), through ``scope["app"]``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope["method"], scope["path"]) not in ADMITTED_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        context = getattr(scope["app"].state, "api_context", None)
+        if context is None:  # not started yet: the routes' dependency admits
+            await self.app(scope, receive, send)
+            return
+        try:
+            slot = context.admission.admit()
+            slot.__enter__()
+        except Overloaded as refused:
+            await _refuse(scope, send, refused)
+            return
+        scope[SCOPE_KEY] = True
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            slot.__exit__(None, None, None)
+
+
+async def _refuse(scope: Scope, send: Send, refused: Overloaded) -> None:
+    """The same ``{"error": ..., "request_id"}`` body as every error, without FastAPI."""
+    raw = next((value for key, value in scope["headers"] if key == b"x-request-id"), None)
+    body = json.dumps(
+        {"error": refused.to_dict(), "request_id": sanitize(raw)}, separators=(",", ":")
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(refused.retry_after_s).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

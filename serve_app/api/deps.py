@@ -2,7 +2,8 @@
 reads as the business logic only.
 
 * :data:`Owner`: the caller's identity from ``Authorization: Bearer`` (401 otherwise);
-* :data:`Admitted`: a slot under admission control (503 + ``Retry-After`` otherwise);
+* :data:`Admitted`: a slot under admission control, admitted while the measured queueing
+  delay is under ``limits.max_queue_delay_s`` (503 + a measured ``Retry-After`` otherwise);
 * :data:`JsonBody` / :data:`JobJsonBody`: the JSON body, read with a size bound.
 
 They find the replica's :class:`ApiContext` on ``app.state``: the Ingress sets it when the
@@ -18,6 +19,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from serve_app.api.admission import SCOPE_KEY as ADMITTED_IN_SCOPE
 from serve_app.api.admission import Admission
 from serve_app.api.auth import KeyChecker
 from serve_app.api.body import read_json_body
@@ -56,6 +58,9 @@ async def get_owner(
 
 
 async def admitted(request: Request) -> AsyncIterator[None]:
+    if request.scope.get(ADMITTED_IN_SCOPE):  # AdmissionMiddleware holds the slot
+        yield
+        return
     with _context(request).admission.admit():
         yield
 

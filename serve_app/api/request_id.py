@@ -1,42 +1,96 @@
-"""Request ids: take a sane ``X-Request-ID`` from the caller or make one; echo it back."""
+"""Request ids: take a sane ``X-Request-ID`` from the caller or make one; answer exactly one.
+
+Ray Serve puts its own middleware in front of every application: it reads the request's
+``X-Request-ID`` into the request context (which tags the replicas' log lines and travels
+with every handle call to the Model and the FeatureFetcher) and echoes it on the response.
+It echoes whatever the client sent, so an app-level middleware that sanitises and appends
+its own header answers with two.
+
+The fix is to sanitise *before* Ray reads the header: :func:`edge_middlewares` is the hook
+Ray calls for middlewares placed in front of its own (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``,
+set for the replicas by the application's ``runtime_env`` in ``configs/config.yaml``). Then
+Ray's request context, its echo, the replicas' logs and our error bodies all carry the same
+sanitised id, and there is exactly one header.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 
 from fastapi import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+HEADER = b"x-request-id"
+# The value of RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH.
+EDGE_CALLBACK = "serve_app.api.request_id:edge_middlewares"
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+logger = logging.getLogger("serve_app.request_id")
+
+
+def sanitize(raw: bytes | None) -> str:
+    """The caller's id if it is sane (1-64 of ``A-Za-z0-9._-``), else a fresh uuid4 hex."""
+    if raw is not None:
+        given = raw.decode("latin-1")
+        if _REQUEST_ID.match(given):
+            return given
+    return uuid.uuid4().hex
 
 
 def request_id_of(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
-class RequestIdMiddleware:
-    """Take a sane ``X-Request-ID`` from the caller or make one; echo it on the response.
-
-    A pure ASGI middleware: Starlette's BaseHTTPMiddleware costs a task per request.
-    """
+class EdgeRequestIdMiddleware:
+    """In front of Ray's own middleware: leave exactly one sane ``X-Request-ID`` header in
+    the request, which Ray then uses everywhere and echoes once."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = scope["headers"]
+            given = [value for key, value in headers if key == HEADER]
+            request_id = sanitize(given[0] if given else None)
+            if len(given) != 1 or given[0] != request_id.encode("latin-1"):
+                kept = [(key, value) for key, value in headers if key != HEADER]
+                scope["headers"] = [*kept, (HEADER, request_id.encode("latin-1"))]
+        await self.app(scope, receive, send)
+
+
+def edge_middlewares() -> list[Middleware]:
+    """Ray's HTTP callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``)."""
+    return [Middleware(EdgeRequestIdMiddleware)]
+
+
+class RequestIdMiddleware:
+    """Put the request's id on ``request.state`` for error bodies and logs.
+
+    It does not add a response header: Ray's middleware in front already echoes the id it
+    read (sanitised by :class:`EdgeRequestIdMiddleware`). A pure ASGI middleware:
+    Starlette's BaseHTTPMiddleware costs a task per request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._warned = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        raw = next((value for key, value in scope["headers"] if key == HEADER), None)
+        request_id = sanitize(raw)
+        if raw is not None and raw != request_id.encode("latin-1") and not self._warned:
+            self._warned = True
+            logger.warning(
+                "an unsanitised X-Request-ID reached the app: set "
+                "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=%s for the Ingress replicas",
+                EDGE_CALLBACK,
+            )
         scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", []).append(
-                    (b"x-request-id", request_id.encode("latin-1"))
-                )
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
+        await self.app(scope, receive, send)

@@ -15,9 +15,9 @@ handles, the coalescer and the config to it.
 # No `from __future__ import annotations` here: FastAPI must see real types on routes.
 
 import asyncio
-import hashlib
-import json
 import logging
+import os
+import time
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Path, Query
@@ -27,17 +27,27 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.api.admission import Admission
+from serve_app.api.admission import Admission, AdmissionMiddleware
 from serve_app.api.auth import KeyChecker
 from serve_app.api.deps import (
     Admitted,
     ApiContext,
-    JobJsonBody,
     JsonBody,
     Owner,
     install_context,
 )
+from serve_app.api.docs import install_offline_docs
 from serve_app.api.errors import install_error_handlers
+from serve_app.api.job_input import JobCreator, JobRawBody
+from serve_app.api.methods import install_method_not_allowed
+from serve_app.api.observability import (
+    ModelTiming,
+    ObservabilityMiddleware,
+    current_timing,
+    install_metrics,
+)
+from serve_app.api.openapi import inline_schema
+from serve_app.api.quotas import CreationSlot, CreationSlots, install_creation_slots
 from serve_app.api.request_id import RequestIdMiddleware
 from serve_app.api.schemas import (
     BatchRequest,
@@ -48,14 +58,16 @@ from serve_app.api.schemas import (
     PredictResponse,
 )
 from serve_app.api.validation import check_item_count, parse_body, parse_item, parse_items
-from serve_app.cache import PredictionCache
-from serve_app.config import AppConfig, IngressTuning
+from serve_app.cache import PredictionCache, SharedPredictionCache
+from serve_app.config import AppConfig, IngressTuning, PredictionCacheConfig, expand_env
 from serve_app.errors import Conflict, InvalidInput, NotFound, Overloaded, ServiceError
-from serve_app.jobs import IdempotencyConflict, JobQueue, open_job_queue
-from serve_app.jobs.webhooks import check_callback_url, read_secret
+from serve_app.jobs import JobQueue, open_job_queue
+from serve_app.jobs.webhooks import read_secret
+from serve_app.logs import current_request_id, route_to_serve_logs, tag_request_ids
+from serve_app.metrics import IngressMetrics
 from serve_app.scoring.answers import Answers, score_batch, score_one
 from serve_app.scoring.coalescer import Coalescer
-from serve_app.scoring.items import Item, ItemResult
+from serve_app.scoring.items import Item, ItemResult, item_key, unique_items
 from serve_app.scoring.scorer import ModelAnswer
 
 logger = logging.getLogger("serve_app.ingress")
@@ -64,14 +76,34 @@ app = FastAPI(
     title="serve_app",
     summary="Score entities with a scikit-learn model: one, thousands, or later.",
     version="0.1.0",
+    docs_url=None,  # served from local assets: /docs works without internet
+    redoc_url=None,
 )
 app.add_middleware(RequestIdMiddleware)
+app.add_middleware(AdmissionMiddleware)  # before routing and auth: a refusal is cheap
+app.add_middleware(ObservabilityMiddleware)  # outermost: times and counts everything
+install_offline_docs(app)
 install_error_handlers(app)
+install_method_not_allowed(app)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 503)
 }
 JobId = Annotated[str, Path(description="The id returned by POST /v1/jobs.")]
+# OpenAPI links: what a client (or a stateful fuzzer) does next with a new job's id.
+_JOB_LINKS = {
+    "GetJob": {
+        "operationRef": "#/paths/~1v1~1jobs~1{job_id}/get",
+        "parameters": {"job_id": "$response.body#/id"},
+    },
+    "CancelJob": {
+        "operationRef": "#/paths/~1v1~1jobs~1{job_id}~1cancel/post",
+        "parameters": {"job_id": "$response.body#/id"},
+    },
+}
+# Bounds of a results page request: past them a 422, never an integer overflow (500).
+MAX_RESULT_OFFSET = 10_000_000
+MAX_RESULT_LIMIT = 100_000
 
 
 def _json_body_doc(model: type) -> dict[str, Any]:
@@ -79,9 +111,32 @@ def _json_body_doc(model: type) -> dict[str, Any]:
     return {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
+            "content": {"application/json": {"schema": inline_schema(model)}},
         }
     }
+
+
+# What a coalesced caller gets: version, its result, and the call's (start, round trip,
+# Model timings) for its Server-Timing.
+_Coalesced = tuple[str, ItemResult, tuple[float, float, ModelTiming | None]]
+
+
+def _mark_admitted() -> None:
+    """Auth, admission and body validation are done: their time is "admission"."""
+    timing = current_timing()
+    if timing is not None:
+        timing.admitted()
+
+
+# Predictions are idempotent: a call whose Model replica died is sent once more.
+_RETRIES_ON_REPLICA_DEATH = 1
+
+
+def _prediction_cache(config: PredictionCacheConfig) -> PredictionCache:
+    """The local LRU, or the local LRU in front of Redis when ``url`` is set."""
+    if config.enabled and config.url:
+        return SharedPredictionCache(expand_env(config.url), config.maxsize, config.ttl_s)
+    return PredictionCache(config.maxsize, config.ttl_s, config.enabled)
 
 
 @serve.deployment(name="Ingress")
@@ -94,25 +149,39 @@ class Ingress:
         config: dict[str, Any],
         job_worker: DeploymentHandle | None = None,
     ) -> None:
+        route_to_serve_logs()
+        self._metrics = IngressMetrics()
+        install_metrics(app, self._metrics)
         self._config = AppConfig.model_validate(config)
         install_context(
             app,
             ApiContext(
                 config=self._config,
                 auth=KeyChecker(self._config.auth),
-                admission=Admission(self._config.limits.max_inflight_requests),
+                admission=Admission(
+                    self._config.limits.max_queue_delay_s,
+                    self._config.limits.max_inflight_requests,
+                ),
             ),
         )
         self._model = model
         self._fetcher = fetcher
         self._job_worker = job_worker
         jobs = self._config.jobs
+        install_creation_slots(
+            app.state,
+            CreationSlots(jobs.max_concurrent_creations_per_key, jobs.max_concurrent_creations),
+        )
         self._jobs: JobQueue | None = open_job_queue(jobs.queue_url) if jobs.enabled else None
         self._webhook_secret = read_secret(jobs.webhooks)
+        self._job_creator = (
+            JobCreator(jobs, self._jobs, self._webhook_secret is not None) if self._jobs else None
+        )
         cache = self._config.prediction_cache
-        self._answers = Answers(PredictionCache(cache.maxsize, cache.ttl_s, cache.enabled))
+        self._answers = Answers(_prediction_cache(cache))
+        self._background: set[asyncio.Task[None]] = set()
         tuning = IngressTuning()
-        self._coalescer: Coalescer[Item, tuple[str, ItemResult]] = Coalescer(
+        self._coalescer: Coalescer[tuple[Item, str], _Coalesced] = Coalescer(
             self._score_list,
             tuning.coalesce_max_batch_size,
             tuning.coalesce_wait_s,
@@ -128,23 +197,98 @@ class Ingress:
     # ---- the hop to the Model -------------------------------------------------------
 
     async def _call_model(self, items: list[Item]) -> ModelAnswer:
-        """One call to the Model with a list of items; Ray failures become 503s."""
-        response = self._model.score.remote(items)
-        timeout = self._config.limits.request_timeout_s
-        try:
-            return await asyncio.wait_for(response, timeout)
-        except TimeoutError as exc:
-            response.cancel()
-            raise Overloaded(f"the model did not answer within {timeout}s") from exc
-        except BackPressureError as exc:
-            raise Overloaded("the model deployment is at capacity; retry shortly") from exc
-        except (RayActorError, DeploymentUnavailableError) as exc:
-            raise ServiceError("the model deployment is restarting; retry shortly") from exc
+        """One call to the Model with a list of items; Ray failures become 503s.
 
-    async def _score_list(self, items: list[Item]) -> list[tuple[str, ItemResult]]:
-        """One hop for many concurrent single predictions (called by the coalescer)."""
+        When the replica that took the call dies (its node was lost, or a replica it
+        called), the call is sent once more within the same deadline: predictions are
+        idempotent, and Serve's router has by then dropped the dead replica, so the retry
+        goes to a live one. A second death is a 503.
+        """
+        timeout = self._config.limits.request_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for attempt in range(1 + _RETRIES_ON_REPLICA_DEATH):
+            response = self._model.score.remote(items)
+            try:
+                return await asyncio.wait_for(response, max(deadline - loop.time(), 0.001))
+            except TimeoutError as exc:
+                response.cancel()
+                raise Overloaded(f"the model did not answer within {timeout}s") from exc
+            except BackPressureError as exc:
+                raise Overloaded("the model deployment is at capacity; retry shortly") from exc
+            except RayActorError as exc:  # ActorDiedError, ActorUnavailableError
+                if attempt == _RETRIES_ON_REPLICA_DEATH or loop.time() >= deadline:
+                    raise ServiceError("the model deployment is restarting; retry shortly") from exc
+                logger.warning("model replica died during a call; retrying once: %r", exc)
+            except DeploymentUnavailableError as exc:
+                raise ServiceError("the model deployment is restarting; retry shortly") from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _score_list(self, entries: list[tuple[Item, str]]) -> list[_Coalesced]:
+        """One hop for many concurrent single predictions (called by the coalescer).
+
+        The call carries the request ids of every request in it (for the Model's and the
+        FeatureFetcher's log lines), and each caller gets the call's timings back.
+        """
+        tag_request_ids(request_id for _, request_id in entries)
+        self._metrics.coalesced.observe(len(entries))
+        started = time.perf_counter()
+        answer = await self._call_model([item for item, _ in entries])
+        call = (started, time.perf_counter() - started, answer.get("timing"))
+        return [(answer["model_version"], result, call) for result in answer["results"]]
+
+    async def _submit(self, item: Item) -> tuple[str, ItemResult]:
+        """One item through the coalescer; its waits go to the request's Server-Timing."""
+        queued = time.perf_counter()
+        version, result, (started, rpc_s, model_timing) = await self._coalescer.submit(
+            (item, current_request_id())
+        )
+        timing = current_timing()
+        if timing is not None:
+            timing.add("coalesce", started - queued)
+            timing.add_model(model_timing, rpc_s)
+        return version, result
+
+    async def _timed_call_model(self, items: list[Item]) -> ModelAnswer:
+        """:meth:`_call_model` for a batch request, its timings in Server-Timing."""
+        started = time.perf_counter()
         answer = await self._call_model(items)
-        return [(answer["model_version"], result) for result in answer["results"]]
+        timing = current_timing()
+        if timing is not None:
+            timing.add_model(answer.get("timing"), time.perf_counter() - started)
+        return answer
+
+    def _count_scoring(self, route: str, items: int) -> None:
+        """Items per request, and the prediction cache's new hits and misses."""
+        self._metrics.items.observe(items, tags={"route": route})
+        cache = self._answers.cache
+        self._metrics.sync_prediction_cache(cache.hits, cache.misses)
+
+    async def _shared_prefetch(self, items: list[Item]) -> None:
+        """With a shared cache: copy other replicas' answers for these items first."""
+        cache = self._answers.cache
+        version = self._answers.version
+        if isinstance(cache, SharedPredictionCache) and version is not None:
+            await cache.prefetch([(version, *item_key(item)) for item in items])
+
+    def _shared_flush(self) -> None:
+        """With a shared cache: publish new answers in the background, off the request."""
+        cache = self._answers.cache
+        if isinstance(cache, SharedPredictionCache):
+            task = asyncio.get_running_loop().create_task(cache.flush())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops: release the queue and cache pools."""
+        if self._job_creator is not None:
+            self._job_creator.close()  # its worker processes end with it
+        if self._jobs is not None:
+            await asyncio.to_thread(self._jobs.close)
+        cache = self._answers.cache
+        if isinstance(cache, SharedPredictionCache):
+            await cache.flush()
+            await cache.aclose()
 
     def _job_queue(self) -> JobQueue:
         if self._jobs is None:
@@ -194,7 +338,14 @@ class Ingress:
     )
     async def predict(self, _owner: Owner, _admitted: Admitted, body: JsonBody) -> dict[str, Any]:
         """Score one entity, with optional request-time context."""
-        return await score_one(parse_item(body), self._answers, self._coalescer.submit)
+        item = parse_item(body)
+        _mark_admitted()
+        await self._shared_prefetch([item])
+        try:
+            return await score_one(item, self._answers, self._submit)
+        finally:
+            self._shared_flush()
+            self._count_scoring("/v1/predict", 1)
 
     @app.post(
         "/v1/predict/batch",
@@ -211,7 +362,16 @@ class Ingress:
         raw_items = parse_body(BatchRequest, body).items
         limit = self._config.limits.max_batch_items
         check_item_count(len(raw_items), limit, " (use /v1/jobs for more)")
-        return await score_batch(parse_items(raw_items), self._answers, self._call_model)
+        entries = parse_items(raw_items)
+        _mark_admitted()
+        await self._shared_prefetch(
+            unique_items(entry for entry in entries if not isinstance(entry, InvalidInput))
+        )
+        try:
+            return await score_batch(entries, self._answers, self._timed_call_model)
+        finally:
+            self._shared_flush()
+            self._count_scoring("/v1/predict/batch", len(entries))
 
     # ---- queued jobs -------------------------------------------------------------------
 
@@ -219,49 +379,36 @@ class Ingress:
         "/v1/jobs",
         tags=["jobs"],
         status_code=202,
-        responses=_ERRORS,
+        responses={
+            **_ERRORS,
+            202: {"description": "Queued.", "links": _JOB_LINKS},
+            429: {"model": ErrorResponse, "description": "This key's job quota is in use."},
+        },
         openapi_extra=_json_body_doc(JobRequest),
     )
     async def create_job(
         self,
         owner: Owner,
         _admitted: Admitted,
-        body: JobJsonBody,
+        _slot: CreationSlot,
+        body: JobRawBody,
         idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
     ) -> JSONResponse:
-        """Queue items for scoring now, read results later (poll or webhook)."""
-        queue = self._job_queue()
-        jobs = self._config.jobs
-        job_request = parse_body(JobRequest, body)
-        check_item_count(len(job_request.items), jobs.max_items)
-        callback = job_request.callback_url
-        if callback is not None:
-            await asyncio.to_thread(check_callback_url, callback, jobs.webhooks)
-            if self._webhook_secret is None:
-                raise InvalidInput(
-                    "webhooks are not configured on this service (no signing secret)",
-                    [{"type": "webhooks_not_configured"}],
-                )
-        parsed = parse_items(job_request.items)
-        items = [None if isinstance(entry, InvalidInput) else entry for entry in parsed]
-        rejected = {
-            index: {"ok": False, "error": entry.to_dict()}
-            for index, entry in enumerate(parsed)
-            if isinstance(entry, InvalidInput)
-        }
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        try:
-            job, created = await asyncio.to_thread(
-                queue.create, owner, items, rejected, callback, idempotency_key, digest
-            )
-        except IdempotencyConflict as exc:
-            raise Conflict(
-                "this Idempotency-Key was already used with a different body",
-                [{"type": "idempotency_key_reused"}],
-            ) from exc
+        """Queue items for scoring now, read results later (poll or webhook).
+
+        One key may have a few submissions in progress and a bounded number of items
+        queued (429 + Retry-After beyond); the body is parsed, validated and stored away
+        from the event loop (a large one in a worker process).
+        """
+        self._job_queue()  # 404 when jobs are disabled
+        assert self._job_creator is not None
+        job, created = await self._job_creator.create(body, owner, idempotency_key)
         headers = {"Location": f"/v1/jobs/{job.id}"}
         if not created:
             headers["Idempotent-Replayed"] = "true"
+        else:
+            self._metrics.job_items_submitted.inc(job.total)
+            self._metrics.items.observe(job.total, tags={"route": "/v1/jobs"})
         return JSONResponse(job.public(), status_code=202, headers=headers)
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"], responses=_ERRORS)
@@ -269,8 +416,8 @@ class Ingress:
         self,
         job_id: JobId,
         owner: Owner,
-        offset: Annotated[int, Query(ge=0)] = 0,
-        limit: Annotated[int | None, Query(ge=1)] = None,
+        offset: Annotated[int, Query(ge=0, le=MAX_RESULT_OFFSET)] = 0,
+        limit: Annotated[int | None, Query(ge=1, le=MAX_RESULT_LIMIT)] = None,
     ) -> dict[str, Any]:
         """State, progress, webhook delivery; the results (paged) once the job is done."""
         queue = self._job_queue()
@@ -313,8 +460,11 @@ class Ingress:
             "ingress": {
                 "prediction_cache_hits": cache.hits,
                 "prediction_cache_misses": cache.misses,
+                "prediction_cache_shared_hits": getattr(cache, "shared_hits", None),
                 "coalesced_calls": self._coalescer.batches,
                 "coalesced_items": self._coalescer.items,
+                "pid": os.getpid(),
+                "admission": app.state.api_context.admission.snapshot(),
             },
             "model": model_stats,
             "fetcher": fetcher_stats,

@@ -22,20 +22,23 @@ import time
 import uuid
 from typing import Any
 
-import httpx
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.config import AutoscalingContext
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import JobsConfig, JobWorkerTuning
 from serve_app.jobs import Job, JobQueue, open_job_queue
-from serve_app.jobs.webhooks import backoff_s, deliver, event_body, read_secret
+from serve_app.jobs.webhooks import Attempt, backoff_s, deliver, event_body, read_secret
+from serve_app.logs import route_to_serve_logs
 from serve_app.metrics import JobMetrics
 from serve_app.scoring.answers import job_result
 
 logger = logging.getLogger("serve_app.jobs")
 
 _PURGE_EVERY_S = 300.0
+# Past an attempt's deadline before another worker may claim its webhook again.
+_WEBHOOK_FENCE_MARGIN_S = 5.0
 
 
 def queue_depth_policy(ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
@@ -60,12 +63,12 @@ def queue_depth_policy(ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
 @serve.deployment(name="JobWorker")
 class JobWorker:
     async def __init__(self, model: DeploymentHandle, jobs: dict[str, Any]) -> None:
+        route_to_serve_logs()
         self._config = JobsConfig.model_validate(jobs)
         self._queue: JobQueue = open_job_queue(self._config.queue_url)
         self._model = model
         self._worker = f"{serve.get_replica_context().replica_id.unique_id}-{uuid.uuid4().hex[:6]}"
-        self._secret = read_secret(self._config.webhooks)
-        self._http = httpx.AsyncClient()
+        self._secret = read_secret(self._config.webhooks)  # a malformed secret stops start
         self._metrics = JobMetrics()
         self._slots = asyncio.Semaphore(JobWorkerTuning().concurrent_jobs)
         self._depth = 0
@@ -85,6 +88,26 @@ class JobWorker:
         for task in (self._loop, self._housekeeping):
             if task.done():
                 raise RuntimeError(f"background loop stopped: {task!r}")
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops (graceful stop, scale-down, `serve run`
+        interrupted): stop the loops, give back this worker's leases, close the queue.
+
+        Released jobs are claimable at once, so after a restart (or by another replica)
+        they continue immediately with their unfinished items instead of waiting out the
+        lease. A chunk whose results were not stored yet is simply run again: results are
+        keyed by (job, index), so every item still appears exactly once.
+        """
+        tasks = (self._loop, self._housekeeping, *self._running)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            released = await asyncio.to_thread(self._queue.release, self._worker)
+            logger.info("stopping: released %d job lease(s)", released)
+        except Exception:  # a stop must finish; the leases then expire on their own
+            logger.exception("stopping: could not release job leases")
+        await asyncio.to_thread(self._queue.close)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -138,6 +161,8 @@ class JobWorker:
             elif job.claims > self._config.max_claims:
                 await self._finish(job, "failed", f"abandoned after {job.claims - 1} claims")
             else:
+                if job.claims == 1:
+                    self._metrics.queue_wait.observe(max(0.0, time.time() - job.created_at))
                 await self._run_job(job)
         except Exception:  # the lease expires and another claim retries the job
             logger.exception("job %s: worker error; it will be claimed again", job.id)
@@ -148,7 +173,7 @@ class JobWorker:
             pending = await asyncio.to_thread(self._queue.pending_items, job.id, config.chunk_size)
             if not pending:
                 break
-            scored = await self._model.score.remote([item for _, item in pending])
+            scored = await self._score_chunk([item for _, item in pending])
             results = [
                 (idx, job_result(item, result))
                 for (idx, item), result in zip(pending, scored["results"], strict=True)
@@ -161,6 +186,15 @@ class JobWorker:
                 return
             self._metrics.items.inc(len(results))
         await self._finish(job, "succeeded", None)
+
+    async def _score_chunk(self, items: list[Any]) -> Any:
+        """One Model call; sent once more if its replica died (scoring is idempotent), so a
+        Model crash costs a retry, not the job's whole lease."""
+        try:
+            return await self._model.score.remote(items)
+        except RayActorError as exc:
+            logger.warning("model replica died during a job chunk; retrying once: %r", exc)
+            return await self._model.score.remote(items)
 
     async def _finish(self, job: Job, state: str, error: str | None) -> None:
         finished = await asyncio.to_thread(
@@ -175,28 +209,53 @@ class JobWorker:
         if not finished:
             return
         self._metrics.jobs.inc(tags={"state": state})
-        self._metrics.latency_s.observe(time.time() - job.created_at)
+        self._metrics.duration.observe(time.time() - job.created_at)
         if job.callback_url:
             await self._send_webhook(job.id)
 
     async def _send_webhook(self, job_id: str) -> None:
+        """One delivery attempt, counted and fenced before it starts.
+
+        Before sending, the attempt is recorded with ``webhook_next_at`` past the attempt's
+        deadline: no other worker can claim the webhook while this attempt may still run,
+        even if this worker's lease expires meanwhile (no second, concurrent delivery),
+        and a worker that dies mid-attempt has used up an attempt, so a webhook that
+        crashes its worker is dead after ``max_attempts``, never re-claimed forever.
+        """
         job = await asyncio.to_thread(self._queue.get_any, job_id)
         if job is None or job.webhook_state != "pending" or not job.callback_url:
             return
         config = self._config.webhooks
         attempts = job.webhook_attempts + 1
+        if attempts > config.max_attempts:  # attempts used up by workers that died mid-way
+            await self._record_webhook(job, "dead", job.webhook_attempts, job.webhook_last_error)
+            return
+        fence = time.time() + config.timeout_s + _WEBHOOK_FENCE_MARGIN_S
+        await asyncio.to_thread(
+            self._queue.record_webhook, job.id, "pending", attempts, fence, "in_progress"
+        )
         if self._secret is None:
-            delivered, retryable, error = False, False, "no webhook secret configured"
+            attempt = Attempt(False, False, "no_secret")
         else:
-            body = json.dumps(event_body(job.public()), separators=(",", ":"))
-            delivered, retryable, error = await deliver(
-                self._http, job.callback_url, self._secret, f"msg_{job.id}", body, config
-            )
-        if delivered:
-            state, next_at = "delivered", 0.0
-        elif retryable and attempts < config.max_attempts:
-            state, next_at = "pending", time.time() + backoff_s(attempts, config)
+            try:
+                body = json.dumps(event_body(job.public()), separators=(",", ":"))
+                attempt = await deliver(
+                    job.callback_url, self._secret, f"msg_{job.id}", body, config
+                )
+            except Exception:  # deliver() classifies its own failures; this is a bug guard
+                logger.exception("job %s: webhook attempt failed unexpectedly", job.id)
+                attempt = Attempt(False, True, "internal_error")
+        if attempt.delivered:
+            state = "delivered"
+        elif attempt.retryable and attempts < config.max_attempts:
+            state = "pending"
         else:
-            state, next_at = "dead", 0.0
-        self._metrics.webhooks.inc(tags={"outcome": "delivered" if delivered else "failed"})
+            state = "dead"
+        self._metrics.webhooks.inc(tags={"outcome": "retrying" if state == "pending" else state})
+        await self._record_webhook(job, state, attempts, attempt.error)
+
+    async def _record_webhook(self, job: Job, state: str, attempts: int, error: str | None) -> None:
+        next_at = (
+            time.time() + backoff_s(attempts, self._config.webhooks) if state == "pending" else 0.0
+        )
         await asyncio.to_thread(self._queue.record_webhook, job.id, state, attempts, next_at, error)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from threadpoolctl import threadpool_limits
 
 from serve_app.config import ModelTuning
+from serve_app.logs import batch_request_ids, route_to_serve_logs, tag_request_ids
 from serve_app.metrics import ModelMetrics
 from serve_app.scoring.artifact import load_artifact
 from serve_app.scoring.items import Item, entity_ids, unique_items
@@ -72,10 +74,13 @@ class BatchStats:
 
 @serve.deployment(name="Model")
 class Model:
-    def __init__(self, model_dir: str, fetcher: DeploymentHandle) -> None:
+    def __init__(
+        self, model_dir: str, fetcher: DeploymentHandle, sha256: str | None = None
+    ) -> None:
+        route_to_serve_logs()
         self._threads = pin_threads()
         self._metrics = ModelMetrics()
-        self._scorer = Scorer(load_artifact(Path(model_dir)), self._metrics.record_predict)
+        self._scorer = Scorer(load_artifact(Path(model_dir), sha256), self._metrics.record_predict)
         self._fetcher = fetcher
         self._stats = BatchStats()
 
@@ -86,10 +91,16 @@ class Model:
         self._score_batched.set_batch_wait_timeout_s(tuning.batch_wait_timeout_s)
 
     async def score(self, items: list[Item]) -> ModelAnswer:
-        """Score a list of items: ``{"model_version", "results": [result or error]}``."""
+        """Score a list of items: ``{"model_version", "results": [result or error],
+        "timing": {phase: seconds}}``; the timing feeds the caller's Server-Timing."""
         if not items:
             return {"model_version": self._scorer.version, "results": []}
-        return await self._score_batched(items)
+        queued = time.perf_counter()
+        answer = await self._score_batched(items)
+        timing = answer["timing"]
+        # The batch reported when it started; the wait before it was this call's queue.
+        timing["model-queue"] = max(0.0, timing.pop("started") - queued)
+        return answer
 
     @serve.batch(
         max_batch_size=_DEFAULTS.max_batch_size,
@@ -97,16 +108,24 @@ class Model:
         max_concurrent_batches=MAX_CONCURRENT_BATCHES,
     )
     async def _score_batched(self, calls: list[list[Item]]) -> list[ModelAnswer]:
+        started = time.perf_counter()
+        tag_request_ids(batch_request_ids())  # the FeatureFetcher call carries them all
         flat = flatten(calls)
         unique = unique_items(flat)
         lookup: FeatureLookup = await self._fetcher.get_many.remote(entity_ids(unique))
+        fetched = time.perf_counter()
         by_key = self._scorer.score(unique, lookup)
+        timing = {"started": started, "features": fetched - started}
+        timing["predict"] = time.perf_counter() - fetched
         if lookup.status == "degraded":
             self._metrics.degraded_items.inc(len(unique))
         self._stats.record(len(calls), len(flat), len(unique))
         self._metrics.batch_requests.observe(len(calls))
         self._metrics.batch_items.observe(len(unique))
-        return split_by_call(calls, by_key, self._scorer.version)
+        answers = split_by_call(calls, by_key, self._scorer.version)
+        for answer in answers:
+            answer["timing"] = dict(timing)
+        return answers
 
     def metadata(self) -> dict[str, Any]:
         return self._scorer.model.metadata

@@ -1,9 +1,28 @@
-"""Completion webhooks: URL policy, Standard Webhooks signing, one delivery attempt.
+"""Completion webhooks: URL policy, Standard Webhooks signing, one pinned delivery attempt.
 
 Signing follows the Standard Webhooks spec through its reference library
 (``standardwebhooks``): headers ``webhook-id``, ``webhook-timestamp`` and
 ``webhook-signature`` (``v1,`` + base64 HMAC-SHA256 of ``id.timestamp.body``). The id is
 derived from the job, so it is the same on every retry and receivers can deduplicate.
+
+The URL policy is what stops a key holder from aiming the service at its own network
+(SSRF). Why each rule:
+
+* **Globally routable only.** Every address a name resolves to must be globally routable
+  (``ipaddress``'s ``is_global``), with IPv4 wrapped in IPv6 (mapped, compatible, 6to4,
+  Teredo, NAT64) unwrapped and checked too: a deny-list of private ranges always misses
+  one (carrier-grade NAT ``100.64.0.0/10`` hosts cloud metadata services).
+* **Pinned.** The name is resolved once per attempt, checked, and the connection goes to
+  that very address (Host header and TLS SNI keep the name), on a fresh connection: a
+  second resolution by the HTTP client could answer differently (DNS rebinding), and a
+  pooled connection could lead anywhere.
+* **Ports.** 80 and 443 (``allowed_ports``) unless an ``allowed_hosts`` entry names the
+  host *and* the port: allowing ``127.0.0.1`` must not open 8265, 8404, ...
+* **One deadline per attempt** covering resolution, connection, request and response, and
+  a capped response read: a receiver that drips bytes or answers 200 MiB costs at most
+  ``timeout_s`` and ``max_response_bytes``.
+* **Short error categories** (``timeout``, ``connection_refused``, ``http_503``, ...) in
+  the job's status, never raw exception text: that would let a key holder map hosts.
 
 Retries are scheduled durably in the job queue (``webhook_next_at``), not in a sleeping
 coroutine, so a delivery owed by a worker that dies is made by another one.
@@ -11,10 +30,16 @@ coroutine, so a delivery owed by a worker that dies is made by another one.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import ipaddress
 import os
 import random
 import socket
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,79 +49,171 @@ import httpx
 from standardwebhooks.webhooks import Webhook
 
 from serve_app.config import WebhookConfig
-from serve_app.errors import InvalidInput
-from serve_app.secret_files import read_lines
+from serve_app.errors import ConfigError, InvalidInput
+from serve_app.net_policy import is_public, parse_host_rule, valid_hostname
+from serve_app.secret_files import WEBHOOK_SECRET_PREFIX, read_lines
+
+Resolver = Callable[[str, int], Sequence[str]]
+"""``(host, port) -> addresses`` as strings; :func:`system_resolver` unless a test injects one."""
+
+SECRET_BYTES = (24, 64)  # the Standard Webhooks spec's bounds for a secret
+
+
+# ---- the signing secret ------------------------------------------------------------------
 
 
 def read_secret(config: WebhookConfig) -> str | None:
-    """The signing secret (``whsec_<base64>``) from env or the secret file, if any."""
+    """The signing secret (``whsec_<base64>``) from env or the secret file, if any.
+
+    Checked here, at start, so a bad secret stops the replica with an error naming the
+    setting instead of failing every delivery later.
+    """
     secret = os.environ.get(config.secret_env, "").strip()
+    source = f"${config.secret_env}"
     if not secret and config.secret_file:
         secret = next(iter(read_lines(Path(config.secret_file))), "")
-    return secret or None
+        source = f"jobs.webhooks.secret_file ({config.secret_file})"
+    if not secret:
+        return None
+    check_secret(secret, source)
+    return secret
 
 
-def _host_allowed(
-    host: str, addresses: list[ipaddress._BaseAddress], allowed: tuple[str, ...]
-) -> bool:
-    for rule in allowed:
-        if rule == host:
-            return True
+def check_secret(secret: str, source: str) -> None:
+    """Raise :class:`ConfigError` naming ``source`` unless ``secret`` is a usable secret."""
+    encoded = secret.removeprefix(WEBHOOK_SECRET_PREFIX)
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    low, high = SECRET_BYTES
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX) or not low <= len(raw) <= high:
+        raise ConfigError(
+            f"the webhook signing secret in {source} is not valid: expected "
+            f"'{WEBHOOK_SECRET_PREFIX}' followed by the base64 of {low} to {high} random "
+            "bytes (`serve-app keygen` writes one)"
+        )
+
+
+# ---- the URL policy ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallbackTarget:
+    """A callback URL taken apart, and (once resolved) the addresses it may reach."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    addresses: tuple[str, ...] = ()
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+class CallbackRefused(InvalidInput):
+    """A callback URL the policy refuses; ``category`` is what the job's status shows."""
+
+    def __init__(
+        self, message: str, category: str, retryable: bool = False, detail_type: str = ""
+    ) -> None:
+        super().__init__(message, [{"type": detail_type or category}])
+        self.category = category
+        self.retryable = retryable
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, as the operating system answers."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+def parse_callback_url(url: str, config: WebhookConfig) -> CallbackTarget:
+    """Syntax and port policy, no DNS: a malformed URL or a closed port is a 422 at once."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # port 99999, non-numeric port, bad IPv6 literal
+        raise CallbackRefused(
+            "callback_url has an invalid host or port", "bad_callback_url"
+        ) from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CallbackRefused("callback_url must be an absolute http(s) URL", "bad_callback_url")
+    if parts.username is not None or parts.password is not None:
+        raise CallbackRefused("callback_url must not carry credentials", "bad_callback_url")
+    host = parts.hostname.lower()
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not valid_hostname(host):
+            raise CallbackRefused(
+                "callback_url host is not a valid DNS name (labels of 1-63 letters, digits "
+                "or hyphens, 253 characters at most)",
+                "bad_callback_url",
+            ) from None
+    port = port or (443 if parts.scheme == "https" else 80)
+    return CallbackTarget(url=url, scheme=parts.scheme, host=host, port=port)
+
+
+def check_callback_url(
+    url: str, config: WebhookConfig, resolver: Resolver = system_resolver
+) -> CallbackTarget:
+    """Resolve and check a callback URL; the target carries the addresses to connect to.
+
+    Called at submission (a refusal is a 422) and at every delivery attempt, whose
+    connection then goes to exactly these addresses.
+    """
+    target = parse_callback_url(url, config)
+    try:
+        addresses = [ipaddress.ip_address(target.host)]
+    except ValueError:
         try:
-            network = ipaddress.ip_network(rule, strict=False)
-        except ValueError:
+            addresses = [ipaddress.ip_address(a.split("%")[0]) for a in resolver(target.host, 0)]
+        except (OSError, UnicodeError, ValueError) as exc:
+            raise CallbackRefused(
+                f"callback_url host {target.host!r} does not resolve", "dns_error", True
+            ) from exc
+    if not addresses:
+        raise CallbackRefused(f"callback_url host {target.host!r} does not resolve", "dns_error")
+    rules = [parse_host_rule(entry) for entry in config.allowed_hosts]
+    for address in addresses:
+        if any(
+            rule.matches(target.host, address, target.port, config.allowed_ports) for rule in rules
+        ):
             continue
-        if addresses and all(address in network for address in addresses):
-            return True
-    return False
-
-
-def _is_internal(address: ipaddress._BaseAddress) -> bool:
-    return (
-        address.is_loopback
-        or address.is_private
-        or address.is_link_local
-        or address.is_reserved
-        or address.is_multicast
-        or address.is_unspecified
+        if not is_public(address) or _is_local_name(target.host):
+            raise CallbackRefused(
+                f"callback_url host {target.host!r} is not a public address; allow it with "
+                f"its port ({target.host}:{target.port}) in jobs.webhooks.allowed_hosts",
+                "refused_address",
+                detail_type="callback_host_not_allowed",
+            )
+        if target.port not in config.allowed_ports:
+            raise CallbackRefused(
+                f"callback_url port {target.port} is not allowed (allowed: "
+                f"{', '.join(map(str, config.allowed_ports))}, or a host:port in "
+                "jobs.webhooks.allowed_hosts)",
+                "port_not_allowed",
+            )
+    return CallbackTarget(
+        url=url,
+        scheme=target.scheme,
+        host=target.host,
+        port=target.port,
+        addresses=tuple(str(a) for a in addresses),
     )
 
 
-def check_callback_url(url: str, config: WebhookConfig, resolve: bool = True) -> str:
-    """Refuse URLs that would aim the service at internal addresses, unless allow-listed.
+def _is_local_name(host: str) -> bool:
+    host = host.removesuffix(".")
+    return host == "localhost" or host.endswith(".localhost")
 
-    Checked when a job is submitted and again before each delivery (DNS may change).
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInput(
-            "callback_url must be an absolute http(s) URL", [{"type": "bad_callback_url"}]
-        )
-    if parts.username or parts.password:
-        raise InvalidInput(
-            "callback_url must not carry credentials", [{"type": "bad_callback_url"}]
-        )
-    host = parts.hostname
-    addresses: list[ipaddress._BaseAddress] = []
-    try:
-        addresses = [ipaddress.ip_address(host)]
-    except ValueError:
-        if resolve:
-            try:
-                infos = socket.getaddrinfo(host, parts.port or 443, proto=socket.IPPROTO_TCP)
-            except OSError as exc:
-                raise InvalidInput(
-                    f"callback_url host {host!r} does not resolve", [{"type": "bad_callback_url"}]
-                ) from exc
-            addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-    if _host_allowed(host, addresses, config.allowed_hosts):
-        return url
-    if host.lower() == "localhost" or any(_is_internal(a) for a in addresses):
-        raise InvalidInput(
-            f"callback_url host {host!r} is internal; allow it in jobs.webhooks.allowed_hosts",
-            [{"type": "callback_host_not_allowed"}],
-        )
-    return url
+
+# ---- signing -----------------------------------------------------------------------------
 
 
 def sign(secret: str, webhook_id: str, body: str, now: datetime | None = None) -> dict[str, str]:
@@ -117,32 +234,109 @@ def backoff_s(attempt: int, config: WebhookConfig) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
+# ---- one delivery attempt ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of one delivery attempt; ``error`` is a short category, never raw text."""
+
+    delivered: bool
+    retryable: bool
+    error: str | None
+
+
+def classify(exc: BaseException) -> tuple[str, bool]:
+    """(category, retryable) of an exception raised while delivering."""
+    if isinstance(exc, CallbackRefused):
+        return exc.category, exc.retryable
+    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+        return "timeout", True
+    causes: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(causes) < 8:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return "connection_refused", True
+    if any(isinstance(c, ssl.SSLError) for c in causes):
+        return "tls_error", True
+    if isinstance(exc, httpx.ConnectError):
+        return "connect_error", True
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "protocol_error", True
+    if isinstance(exc, httpx.TransportError):
+        return "network_error", True
+    return "internal_error", True
+
+
 async def deliver(
-    client: httpx.AsyncClient,
     url: str,
     secret: str,
     webhook_id: str,
     body: str,
     config: WebhookConfig,
-) -> tuple[bool, bool, str | None]:
-    """One attempt. Returns (delivered, retryable, error)."""
+    resolver: Resolver = system_resolver,
+) -> Attempt:
+    """One attempt, within ``config.timeout_s`` all told; every failure becomes a category."""
     try:
-        check_callback_url(url, config)
-        response = await client.post(
-            url,
-            content=body,
-            headers=sign(secret, webhook_id, body),
-            timeout=config.timeout_s,
-            follow_redirects=False,
+        status = await asyncio.wait_for(
+            _resolve_and_post(url, sign(secret, webhook_id, body), body, config, resolver),
+            config.timeout_s,
         )
-    except InvalidInput as exc:
-        return False, False, exc.message
-    except httpx.HTTPError as exc:  # timeouts and network errors: retry
-        return False, True, f"{type(exc).__name__}: {exc}"
-    if 200 <= response.status_code < 300:
-        return True, False, None
-    retryable = response.status_code >= 500 or response.status_code in (408, 429)
-    return False, retryable, f"HTTP {response.status_code}"
+    except Exception as exc:  # every failure is an attempt, with a short category
+        category, retryable = classify(exc)
+        return Attempt(False, retryable, category)
+    if 200 <= status < 300:
+        return Attempt(True, False, None)
+    retryable = status >= 500 or status in (408, 429)
+    return Attempt(False, retryable, f"http_{status}")
+
+
+async def _resolve_and_post(
+    url: str, headers: dict[str, str], body: str, config: WebhookConfig, resolver: Resolver
+) -> int:
+    target = await asyncio.to_thread(check_callback_url, url, config, resolver)
+    return await _post_pinned(target, headers, body, config)
+
+
+async def _post_pinned(
+    target: CallbackTarget, headers: dict[str, str], body: str, config: WebhookConfig
+) -> int:
+    """POST to the checked addresses in turn (first that connects), on fresh connections."""
+    last: Exception | None = None
+    for address in target.addresses:
+        try:
+            return await _post_to(address, target, headers, body, config.max_response_bytes)
+        except httpx.ConnectError as exc:  # try the next address of the name
+            last = exc
+    assert last is not None
+    raise last
+
+
+async def _post_to(
+    address: str, target: CallbackTarget, headers: dict[str, str], body: str, max_bytes: int
+) -> int:
+    """One POST to ``address`` with the name in Host and SNI; reads at most ``max_bytes``."""
+    url = httpx.URL(target.url).copy_with(host=address)
+    extensions: dict[str, Any] = {}
+    if target.scheme == "https" and target.host != address:
+        extensions["sni_hostname"] = target.host
+    request_headers = {**headers, "host": target.host_header, "accept-encoding": "identity"}
+    # A client per attempt: no pooled connection outlives the address it was checked for;
+    # trust_env=False: a proxy from the environment would resolve the name again.
+    async with (
+        httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=None) as client,
+        client.stream(
+            "POST", url, content=body, headers=request_headers, extensions=extensions
+        ) as response,
+    ):
+        read = 0
+        async for chunk in response.aiter_raw():
+            read += len(chunk)
+            if read >= max_bytes:  # the status decides; the rest is not read
+                break
+        return response.status_code
 
 
 def event_body(job: dict[str, Any]) -> dict[str, Any]:

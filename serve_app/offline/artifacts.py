@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tqdm import tqdm
+
 from serve_app.config import AppConfig, sqlite_path
 from serve_app.errors import ArtifactError
 from serve_app.offline.datagen import generate_entities
@@ -51,15 +53,26 @@ def build_artifacts(config: AppConfig, force: bool = False) -> None:
         if not force and not missing_artifacts(config):
             return
         started = time.perf_counter()
+        # A progress bar on a terminal (disable=None: off when stderr is not a TTY).
+        progress = tqdm(total=4, desc="build artifacts", unit="step", disable=None)
+        progress.set_postfix_str("generate entities")
         entities = generate_entities(config.artifacts.n_entities, config.artifacts.seed)
+        progress.update()
         store = sqlite_path(config.store.url)
         if store is not None and (force or not store.is_file()):
+            progress.set_postfix_str("write feature store")
             write_sqlite_store(store, entities)
             logger.info("wrote feature store %s (%d entities)", store, len(entities))
+        progress.update()
         if force or not (model_dir / METADATA_FILE).is_file():
+            progress.set_postfix_str("train model")
             pipeline, metrics = train(entities, config.artifacts.seed)
+            progress.update()
+            progress.set_postfix_str("write model")
             metadata = write_artifact(model_dir, pipeline, metrics, config.artifacts.seed)
             logger.info("wrote model %s %s metrics=%s", model_dir, metadata["version"], metrics)
+        progress.update(progress.total - progress.n)
+        progress.close()
         logger.info("artifacts built in %.1fs", time.perf_counter() - started)
 
 

@@ -1,9 +1,13 @@
 """``serve-app``: operator commands next to ``serve run``.
 
-* ``serve-app keygen [--file PATH]``: create the API-key file (0600) named in the YAML
-  unless it exists, print the new key once, and create the webhook signing secret.
+* ``serve-app keygen [--file PATH] [--id NAME]``: create the API-key file (0600) named in
+  the YAML unless it exists (with ``--id``: add a ``NAME:KEY`` line), print the new key
+  once, and create the webhook signing secret.
 * ``serve-app build [CONFIG] [--force]``: build the example store and model.
 * ``serve-app config-reference``: every setting with its default, as Markdown.
+* ``serve-app load-features --to redis://... --from FILE``: validate entity features
+  (SQLite, Parquet or CSV) against the feature schema and load them into Redis.
+* ``serve-app k8s [--config configs/cluster.yaml]``: write a KubeRay RayService manifest.
 
 Each command imports what it needs when it runs: ``keygen`` must not pay for Ray,
 FastAPI or scikit-learn to write one key.
@@ -13,13 +17,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
 
 def _keygen(args: argparse.Namespace) -> int:
     from serve_app.config import load_app_config
-    from serve_app.secret_files import new_webhook_secret, write_key_file, write_secret_file
+    from serve_app.secret_files import (
+        append_key,
+        new_webhook_secret,
+        write_key_file,
+        write_secret_file,
+    )
 
     config = load_app_config(Path(args.config))
     path = Path(args.file) if args.file else None
@@ -27,7 +37,10 @@ def _keygen(args: argparse.Namespace) -> int:
     if path is None:
         print("the config names no auth.keys_file; pass --file", file=sys.stderr)
         return 2
-    key = write_key_file(path)
+    if args.id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.id):
+        print("--id: 1-64 letters, digits, '_', '.' or '-'", file=sys.stderr)
+        return 2
+    key = write_key_file(path) if args.id is None else append_key(path, args.id)
     if key is None:
         print(f"{path} exists; keeping its keys", file=sys.stderr)
     else:
@@ -42,10 +55,16 @@ def _keygen(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from serve_app.config import load_app_config
     from serve_app.offline.artifacts import build_artifacts
+    from serve_app.scoring.artifact import MODEL_FILE, pin_line, sha256_of
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_app_config(Path(args.config)).resolved(Path.cwd())
     build_artifacts(config, force=args.force)
+    model_path = Path(config.artifacts.model_dir) / MODEL_FILE
+    digest = sha256_of(model_path)
+    print(f"model {model_path} sha256 {digest}", file=sys.stderr)
+    print(f"pin it in {args.config} under applications[0].args:", file=sys.stderr)
+    print(f"  {pin_line(digest)}")
     return 0
 
 
@@ -56,12 +75,51 @@ def _config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_features(args: argparse.Namespace) -> int:
+    from serve_app.errors import ConfigError
+    from serve_app.offline.load_features import (
+        describe,
+        load_into_redis,
+        read_input,
+        write_rejects,
+    )
+
+    try:
+        frame = read_input(Path(args.source), args.format)
+        report = load_into_redis(frame, args.to, args.batch_size, progress=not args.quiet)
+    except ConfigError as exc:
+        print(f"load-features: {exc.message}", file=sys.stderr)
+        return 2
+    print(describe(report, args.to), file=sys.stderr)
+    if args.rejects and report.refused:
+        write_rejects(report, Path(args.rejects))
+    return 1 if report.refused else 0
+
+
+def _k8s(args: argparse.Namespace) -> int:
+    from serve_app.offline.k8s import ManifestOptions, render_manifest
+
+    options = ManifestOptions(
+        image=args.image, secret_name=args.secret, worker_replicas=args.workers, name=args.name
+    )
+    text = render_manifest(Path(args.config), options)
+    if args.out == "-":
+        print(text, end="")
+    else:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}; apply with: kubectl apply -f {args.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="serve-app")
     commands = parser.add_subparsers(dest="command", required=True)
     keygen = commands.add_parser("keygen", help="create the API-key file if it is missing")
     keygen.add_argument("--config", default="configs/config.yaml")
     keygen.add_argument("--file", default=None)
+    keygen.add_argument(
+        "--id", default=None, help="add a NAME:KEY line; the key's jobs belong to NAME"
+    )
     keygen.set_defaults(run=_keygen)
     build = commands.add_parser("build", help="build the example feature store and model")
     build.add_argument("config", nargs="?", default="configs/config.yaml")
@@ -69,6 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     build.set_defaults(run=_build)
     reference = commands.add_parser("config-reference", help="print every setting as Markdown")
     reference.set_defaults(run=_config_reference)
+    load = commands.add_parser(
+        "load-features", help="validate entity features and load them into Redis"
+    )
+    load.add_argument("--to", required=True, help="redis://HOST:PORT/DB (${VAR} from env)")
+    load.add_argument("--from", dest="source", required=True, help="a .db, .parquet or .csv")
+    load.add_argument("--format", choices=["auto", "sqlite", "parquet", "csv"], default="auto")
+    load.add_argument("--batch-size", type=int, default=5_000)
+    load.add_argument("--rejects", default=None, help="write refused rows here (CSV)")
+    load.add_argument("--quiet", action="store_true", help="no progress bar")
+    load.set_defaults(run=_load_features)
+    k8s = commands.add_parser("k8s", help="write a KubeRay RayService manifest")
+    k8s.add_argument("--config", default="configs/cluster.yaml")
+    k8s.add_argument("--image", default="serve_app:0.1.0")
+    k8s.add_argument("--secret", default="serve-app", help="Kubernetes Secret with keys/URLs")
+    k8s.add_argument("--workers", type=int, default=2, help="worker pods")
+    k8s.add_argument("--name", default="serve-app")
+    k8s.add_argument("--out", default="-", help="file, or - for stdout")
+    k8s.set_defaults(run=_k8s)
     args = parser.parse_args(argv)
     return int(args.run(args))
 

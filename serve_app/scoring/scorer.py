@@ -86,7 +86,8 @@ class Scorer:
 def _lookup_error(item: Item, lookup: FeatureLookup) -> ItemResult | None:
     if lookup.status == "unavailable":
         return error_result("store_unavailable", lookup.reason or "feature store unavailable")
-    if lookup.status == "ok" and item["entity_id"] not in lookup.rows:
+    missing = lookup.status == "ok" and item["entity_id"] not in lookup.rows
+    if missing or item["entity_id"] in lookup.unknown:
         return error_result(
             "unknown_entity", f"no features stored for entity {item['entity_id']!r}"
         )

@@ -4,6 +4,7 @@
 
     FeatureStore (protocol, base.py)
     ├── SQLiteFeatureStore   sqlite:///FILE     (sqlite.py, the embedded default)
+    ├── RedisFeatureStore    redis(s)://HOST    (redis.py, shared by every node)
     └── HttpFeatureStore     http(s)://HOST     (http.py, a remote feature API)
 
 Adding a backend means one class and one line in :func:`open_store`; callers do not change.
@@ -11,7 +12,7 @@ Adding a backend means one class and one line in :func:`open_store`; callers do 
 
 from __future__ import annotations
 
-from serve_app.config import sqlite_path
+from serve_app.config import STORE_SCHEMES, expand_env, sqlite_path, url_scheme
 from serve_app.errors import ConfigError
 from serve_app.stores.base import FeatureLookup, FeatureRow, FeatureStore
 from serve_app.stores.http import HttpFeatureStore
@@ -19,13 +20,20 @@ from serve_app.stores.sqlite import SQLiteFeatureStore
 
 
 def open_store(url: str) -> FeatureStore:
-    """The store named by a URL from the YAML."""
+    """The store named by a URL from the YAML (``${VAR}`` read from the environment)."""
+    try:
+        url = expand_env(url)
+        scheme = url_scheme(url, STORE_SCHEMES, "feature store")
+    except ValueError as exc:
+        raise ConfigError(f"unsupported feature store url: {exc}") from exc
     path = sqlite_path(url)
     if path is not None:
         return SQLiteFeatureStore(path)
-    if url.startswith(("http://", "https://")):
-        return HttpFeatureStore(url)
-    raise ConfigError(f"unsupported feature store url: {url}")
+    if scheme in ("redis://", "rediss://"):
+        from serve_app.stores.redis import RedisFeatureStore  # only replicas that use it
+
+        return RedisFeatureStore(url)
+    return HttpFeatureStore(url)
 
 
 __all__ = ["FeatureLookup", "FeatureRow", "FeatureStore", "open_store"]

@@ -45,3 +45,5 @@ class FeatureLookup:
     status: LookupStatus
     rows: dict[str, FeatureRow] = field(default_factory=dict)
     reason: str | None = None
+    # When degraded: ids the FeatureFetcher knows the store does not hold (404, not a score).
+    unknown: frozenset[str] = frozenset()

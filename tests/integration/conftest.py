@@ -12,7 +12,9 @@ import copy
 import itertools
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +39,40 @@ API_KEY = "test-" + secrets.token_urlsafe(24)
 OTHER_KEY = "other-" + secrets.token_urlsafe(24)
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
+
+
+def serve_env_file(path: Path = ROOT / "configs" / "serve.env") -> dict[str, str]:
+    """configs/serve.env: what the README's run command sources before `serve run`."""
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip().strip('"')
+    return env
+
+
+# HAProxy's admin socket (mode 0666, level admin), config and state files in a directory
+# only this user can enter (mkdtemp: 0700); its stats and metrics ports, which Ray 2.60
+# binds on every interface, on free ports. README, Security, lists what listens where.
+# Short: Ray appends the node id (56 characters) and HAProxy's socket paths end at 97.
+HAPROXY_DIR = Path(tempfile.mkdtemp(prefix="sa_", dir="/tmp"))
+HAPROXY_STATS_PORT = any_free_port()
+HAPROXY_METRICS_PORT = any_free_port()
+HAPROXY_ENV = {
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": str(HAPROXY_DIR / "admin.sock"),
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(HAPROXY_DIR / "metrics.sock"),
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(HAPROXY_DIR / "haproxy.cfg"),
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(HAPROXY_DIR),
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(HAPROXY_DIR / "server-state"),
+    "RAY_SERVE_HAPROXY_STATS_PORT": str(HAPROXY_STATS_PORT),
+    "RAY_SERVE_HAPROXY_METRICS_PORT": str(HAPROXY_METRICS_PORT),
+}
+
 # Must be in the environment before Ray starts: Ray's processes inherit it.
 SERVE_ENV = {
     **THROUGHPUT_ENV,
+    **serve_env_file(),
+    **HAPROXY_ENV,
     "SERVE_APP_API_KEYS": f"{API_KEY},{OTHER_KEY}",
     "SERVE_APP_WEBHOOK_SECRET": WEBHOOK_SECRET,
     # Ingress replicas otherwise drain for 30 s on shutdown; tests stop far more often.
@@ -151,6 +184,7 @@ def ray_cluster() -> Iterator[None]:
             serve.shutdown()
         finally:
             ray.shutdown()
+            shutil.rmtree(HAPROXY_DIR, ignore_errors=True)
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)

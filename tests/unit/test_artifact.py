@@ -1,10 +1,20 @@
+import json
 from pathlib import Path
 
 import pytest
 
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, ArtifactConfig
 from serve_app.errors import ArtifactError
-from serve_app.scoring.artifact import MODEL_FILE, load_artifact, read_metadata
+from serve_app.scoring.artifact import (
+    METADATA_FILE,
+    MODEL_FILE,
+    expected_sha256,
+    load_artifact,
+    pin_line,
+    read_metadata,
+    record_built,
+    sha256_of,
+)
 from serve_app.scoring.features import MODEL_COLUMNS, build_frame
 
 
@@ -60,3 +70,63 @@ def test_serving_frame_matches_the_training_frame(small_config: AppConfig) -> No
     np.testing.assert_allclose(
         loaded.pipeline.predict_proba(serving), loaded.pipeline.predict_proba(training_like)
     )
+
+
+def _copy_model(small_config: AppConfig, target: Path) -> Path:
+    source = Path(small_config.artifacts.model_dir)
+    target.mkdir()
+    for child in source.iterdir():
+        (target / child.name).write_bytes(child.read_bytes())
+    return target
+
+
+def test_a_replaced_pickle_with_a_rewritten_sidecar_is_refused_by_the_pin(
+    small_config: AppConfig, tmp_path: Path
+) -> None:
+    """The attacker who can write the model directory rewrites metadata.json too."""
+    model_dir = _copy_model(small_config, tmp_path / "model")
+    pinned = sha256_of(model_dir / MODEL_FILE)
+    assert load_artifact(model_dir, pinned).metadata["sha256"] == pinned
+    with (model_dir / MODEL_FILE).open("ab") as handle:
+        handle.write(b"\n# attacker's payload")
+    forged = sha256_of(model_dir / MODEL_FILE)
+    metadata = json.loads((model_dir / METADATA_FILE).read_text())
+    (model_dir / METADATA_FILE).write_text(json.dumps({**metadata, "sha256": forged}))
+    with pytest.raises(ArtifactError) as caught:
+        load_artifact(model_dir, pinned)
+    message = caught.value.message
+    assert pinned in message and forged in message
+    assert f'artifacts: {{sha256: "{forged}"}}' in message  # how to pin a new model
+
+
+def test_the_pin_comes_from_the_config_or_a_model_built_by_this_process(
+    small_config: AppConfig, tmp_path: Path
+) -> None:
+    model_dir = _copy_model(small_config, tmp_path / "model")
+    digest = sha256_of(model_dir / MODEL_FILE)
+    pinned = ArtifactConfig(model_dir=str(model_dir), sha256=digest)
+    assert expected_sha256(pinned) == digest
+    with pytest.raises(ArtifactError, match=r"artifacts\.sha256 is not set") as caught:
+        expected_sha256(ArtifactConfig(model_dir=str(model_dir)))
+    assert pin_line(digest) in caught.value.message
+    assert expected_sha256(ArtifactConfig(model_dir=str(model_dir), allow_unpinned=True)) is None
+    record_built(model_dir, digest)  # what write_artifact does after building it
+    assert expected_sha256(ArtifactConfig(model_dir=str(model_dir))) == digest
+    with pytest.raises(ValueError):
+        ArtifactConfig(sha256="not-a-digest")
+
+
+def test_build_prints_the_digest_and_the_yaml_line(
+    small_config: AppConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from serve_app.offline.cli import main
+
+    config_file = tmp_path / "serve.yaml"
+    args = {
+        "artifacts": {"model_dir": small_config.artifacts.model_dir, "n_entities": 2_000},
+        "store": {"url": small_config.store.url},
+    }
+    config_file.write_text(json.dumps({"applications": [{"name": "a", "args": args}]}))
+    assert main(["build", str(config_file)]) == 0
+    digest = sha256_of(Path(small_config.artifacts.model_dir) / MODEL_FILE)
+    assert capsys.readouterr().out.strip() == f'artifacts: {{sha256: "{digest}"}}'

@@ -1,3 +1,4 @@
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -7,7 +8,7 @@ import pytest
 from serve_app.api.auth import KeyChecker, read_keys
 from serve_app.config import AuthConfig
 from serve_app.errors import ConfigError, Unauthorized
-from serve_app.secret_files import write_key_file
+from serve_app.secret_files import append_key, read_lines, write_key_file
 
 KEY_A = "a" * 32
 KEY_B = "b-key-that-is-long-enough"
@@ -93,3 +94,126 @@ def test_keygen_writes_private_file_once(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert write_key_file(path) is None
     assert read_keys(AuthConfig(keys_env="UNSET_VAR_X", keys_file=str(path))) == [key]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_every_replica_applies_a_changed_keys_file_within_the_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas started before and after a change agree: revoked is revoked everywhere."""
+    monkeypatch.delenv("TEST_KEYS", raising=False)
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"{KEY_A}\n")
+    config = AuthConfig(keys_env="TEST_KEYS", keys_file=str(keys_file), reload_interval_s=2)
+    clock = Clock()
+    old_replica = KeyChecker(config, clock=clock)
+    keys_file.write_text(f"{KEY_B}\n")  # KEY_A revoked, KEY_B added
+    new_replica = KeyChecker(config, clock=clock)
+    clock.now = 2.5
+    for replica in (old_replica, new_replica):
+        assert replica.is_valid(KEY_B) and not replica.is_valid(KEY_A)
+        with pytest.raises(Unauthorized):
+            replica.require(KEY_A)
+
+
+def test_a_keys_file_is_re_read_at_most_once_per_interval_and_on_content_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TEST_KEYS", raising=False)
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"{KEY_A}\n")
+    clock = Clock()
+    config = AuthConfig(keys_env="TEST_KEYS", keys_file=str(keys_file), reload_interval_s=2)
+    checker = KeyChecker(config, clock=clock)
+    keys_file.write_text(f"{KEY_B}\n")
+    clock.now = 1.0
+    assert checker.is_valid(KEY_A)  # within the interval: not re-read yet
+    clock.now = 2.1
+    assert checker.is_valid(KEY_B) and not checker.is_valid(KEY_A)
+    keys_file.write_text("short\n")  # an invalid edit keeps the last good set
+    clock.now = 5.0
+    assert checker.is_valid(KEY_B)
+
+
+def test_named_keys_own_jobs_by_name_so_rotation_keeps_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_KEYS", f"{KEY_A},ci.bot:{KEY_B}")
+    keys_file = tmp_path / "keys"
+    old = append_key(keys_file, "alice")
+    config = AuthConfig(keys_env="TEST_KEYS", keys_file=str(keys_file), reload_interval_s=1)
+    clock = Clock()
+    checker = KeyChecker(config, clock=clock)
+    assert checker.require(old) == "id:alice"
+    assert checker.require(KEY_B) == "id:ci.bot"
+    assert checker.require(KEY_A) == hashlib.sha256(KEY_A.encode()).hexdigest()[:32]
+    new = append_key(keys_file, "alice")  # rotate: a second key with the same id ...
+    lines = keys_file.read_text().splitlines()
+    keys_file.write_text(
+        "\n".join(line for line in lines if old not in line) + "\n"
+    )  # ... drop the old
+    clock.now = 2
+    assert checker.require(new) == "id:alice"
+    with pytest.raises(Unauthorized):
+        checker.require(old)
+    assert stat.S_IMODE(os.stat(keys_file).st_mode) == 0o600
+
+
+def test_keygen_with_an_id_appends_a_named_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from serve_app.offline.cli import main
+
+    keys_file = tmp_path / "keys"
+    config_file = tmp_path / "serve.yaml"
+    config_file.write_text(
+        '{"applications": [{"args": {"jobs": {"webhooks": {"secret_file": null}}}}]}'
+    )
+    assert main(["keygen", "--config", str(config_file), "--file", str(keys_file)]) == 0
+    assert (
+        main(["keygen", "--config", str(config_file), "--file", str(keys_file), "--id", "bob"]) == 0
+    )
+    assert (
+        main(["keygen", "--config", str(config_file), "--file", str(keys_file), "--id", "b o"]) == 2
+    )
+    entries = read_lines(keys_file)
+    assert len(entries) == 2 and entries[1].startswith("bob:")
+    monkeypatch_free = AuthConfig(keys_env="UNSET_VAR_X", keys_file=str(keys_file))
+    assert KeyChecker(monkeypatch_free).require(entries[1].split(":", 1)[1]) == "id:bob"
+
+
+def test_the_dockerfile_recipe_for_several_keys_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Dockerfile's ``-e SERVE_APP_API_KEYS="$(...)"`` line, run by a real shell."""
+    import re
+    import subprocess
+
+    dockerfile = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
+    recipe = re.search(r'SERVE_APP_API_KEYS="(\$\(.*\))"', dockerfile)
+    assert recipe is not None, "the Dockerfile no longer shows how to pass several keys"
+    secrets_dir = tmp_path / ".secrets"
+    write_key_file(secrets_dir / "api_keys")
+    append_key(secrets_dir / "api_keys", "bob")
+    with (secrets_dir / "api_keys").open("a") as handle:
+        handle.write("\n# a comment\n" + KEY_A + "\n")
+    value = subprocess.run(
+        ["bash", "-c", f'printf %s "{recipe.group(1)}"'],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    monkeypatch.setenv("TEST_KEYS", value)
+    checker = KeyChecker(AuthConfig(keys_env="TEST_KEYS", keys_file=None))
+    keys = [line.split(":", 1)[-1] for line in read_lines(secrets_dir / "api_keys")]
+    assert len(keys) == 3
+    assert all(checker.is_valid(key) for key in keys)
+    assert checker.require(keys[1]) == "id:bob"

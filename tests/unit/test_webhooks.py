@@ -1,14 +1,43 @@
+"""The webhook URL policy and delivery, against real HTTP servers on loopback.
+
+Hostile receivers (one that drips its answer, one that answers 200 MiB) and a name that
+changes its answer between two resolutions (DNS rebinding) are real sockets; the only
+thing faked is the resolver's answer, since a test cannot own public DNS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 from standardwebhooks.webhooks import Webhook
 
 from serve_app.config import WebhookConfig
-from serve_app.errors import InvalidInput
-from serve_app.jobs.webhooks import backoff_s, check_callback_url, sign
+from serve_app.errors import ConfigError, InvalidInput
+from serve_app.jobs.webhooks import (
+    backoff_s,
+    check_callback_url,
+    deliver,
+    is_public,
+    read_secret,
+    sign,
+)
 from serve_app.secret_files import new_webhook_secret as new_secret
 
 OPEN = WebhookConfig()
+SECRET = new_secret()
+
+
+# ---- the URL policy ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -20,36 +49,112 @@ OPEN = WebhookConfig()
         "http://user:pw@example.com/x",
         "http://127.0.0.1/x",
         "http://localhost/x",
+        "http://api.localhost/x",
         "http://10.0.0.8/x",
         "http://192.168.1.1/x",
         "http://172.16.0.1/x",
         "http://169.254.169.254/latest/meta-data",
         "http://[::1]/x",
         "http://0.0.0.0/x",
+        "http://100.100.100.200/latest/meta-data",  # carrier-grade NAT: cloud metadata
+        "http://[2002:a00:1::]/x",  # 6to4 wrapping 10.0.0.1
+        "http://[2002:7f00:1::]/x",  # 6to4 wrapping 127.0.0.1
+        "http://[::ffff:127.0.0.1]/x",  # IPv4-mapped
+        "http://[::127.0.0.1]/x",  # IPv4-compatible
+        "http://[64:ff9b::a9fe:a9fe]/x",  # NAT64 of 169.254.169.254
+        "http://[fe80::1]/x",
+        "http://[fc00::1]/x",
+        "http://224.0.0.1/x",
+        "http://198.18.0.1/x",  # benchmarking range
+        "http://192.0.2.1/x",  # documentation range
     ],
 )
-def test_internal_or_odd_urls_are_refused(url: str) -> None:
+def test_non_public_or_odd_urls_are_refused(url: str) -> None:
     with pytest.raises(InvalidInput):
         check_callback_url(url, OPEN)
 
 
-def test_public_address_is_accepted_and_allow_list_opens_internal() -> None:
-    assert check_callback_url("https://93.184.216.34/hook", OPEN)
-    allowed = WebhookConfig(allowed_hosts=("127.0.0.1", "10.0.0.0/8"))
-    assert check_callback_url("http://127.0.0.1:9000/hook", allowed)
-    assert check_callback_url("http://10.2.3.4/hook", allowed)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://93.184.216.34:99999/x",  # a 500 at submission before
+        "http://93.184.216.34:http/x",
+        "http://" + "a" * 64 + ".example.com/x",  # a label over 63: crashed every delivery
+        "http://" + ".".join(["abcdefghij"] * 24) + ".com/x",  # over 253 characters
+        "http://bad_host!.example.com/x",
+        "https://93.184.216.34:8265/x",  # not 80/443 and not allow-listed
+        "http://[::1/x",
+    ],
+)
+def test_bad_ports_and_labels_are_a_422_at_submission(url: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        check_callback_url(url, OPEN, resolver=lambda host, port: ["93.184.216.34"])
+    assert caught.value.status_code == 422
+
+
+def test_public_addresses_on_default_ports_pass() -> None:
+    assert check_callback_url("https://93.184.216.34/hook", OPEN).addresses == ("93.184.216.34",)
+    assert check_callback_url("http://[2606:4700::1111]:80/hook", OPEN)
+    assert is_public(__import__("ipaddress").ip_address("2002:5db8:d822::"))  # 6to4 of public
+
+
+def test_allowed_hosts_name_host_and_port() -> None:
+    config = WebhookConfig(allowed_hosts=("127.0.0.1:8123", "10.0.0.0/8:9000", "[::1]:8123"))
+    assert check_callback_url("http://127.0.0.1:8123/hook", config)
+    assert check_callback_url("http://10.2.3.4:9000/hook", config)
+    assert check_callback_url("http://[::1]:8123/hook", config)
+    for url in (
+        "http://127.0.0.1:8265/",  # the Ray dashboard: another port of an allowed host
+        "http://127.0.0.1:8404/",  # HAProxy stats
+        "http://127.0.0.1/",
+        "http://10.2.3.4:8123/",
+        "http://192.168.0.1:9000/",
+    ):
+        with pytest.raises(InvalidInput):
+            check_callback_url(url, config)
+    # an entry without a port opens the default ports only
+    bare = WebhookConfig(allowed_hosts=("127.0.0.1",))
+    assert check_callback_url("http://127.0.0.1/hook", bare)
     with pytest.raises(InvalidInput):
-        check_callback_url("http://192.168.0.1/hook", allowed)
+        check_callback_url("http://127.0.0.1:8265/", bare)
+
+
+def test_every_resolved_address_must_pass() -> None:
+    def resolver(host: str, port: int) -> list[str]:
+        return ["93.184.216.34", "127.0.0.1"]
+
+    with pytest.raises(InvalidInput, match="not a public address"):
+        check_callback_url("https://mixed.example.com/hook", OPEN, resolver)
+
+
+def test_malformed_allowed_hosts_fail_at_start() -> None:
+    for entry in ("127.0.0.1:99999", "host name", "[::1]x"):
+        with pytest.raises(ValueError):
+            WebhookConfig(allowed_hosts=(entry,))
+
+
+# ---- the signing secret --------------------------------------------------------------
 
 
 def test_signature_verifies_with_the_reference_library() -> None:
-    secret = new_secret()
     body = '{"type":"job.succeeded"}'
-    headers = sign(secret, "msg_1", body, now=datetime.now(tz=timezone.utc))
+    headers = sign(SECRET, "msg_1", body, now=datetime.now(tz=timezone.utc))
     assert headers["webhook-id"] == "msg_1" and headers["webhook-signature"].startswith("v1,")
-    assert Webhook(secret).verify(body, headers) == {"type": "job.succeeded"}
+    assert Webhook(SECRET).verify(body, headers) == {"type": "job.succeeded"}
     with pytest.raises(Exception, match="signature"):
         Webhook(new_secret()).verify(body, headers)
+
+
+@pytest.mark.parametrize("secret", ["whsec_not-base64!!", "whsec_c2hvcnQ=", "plain-secret-value"])
+def test_a_malformed_secret_stops_start_naming_the_setting(
+    secret: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_WEBHOOK_SECRET", secret)
+    config = WebhookConfig(secret_env="TEST_WEBHOOK_SECRET", secret_file=None)
+    with pytest.raises(ConfigError, match=r"\$TEST_WEBHOOK_SECRET"):
+        read_secret(config)
+    monkeypatch.setenv("TEST_WEBHOOK_SECRET", SECRET)
+    assert read_secret(config) == SECRET
 
 
 def test_backoff_grows_and_is_capped() -> None:
@@ -57,3 +162,180 @@ def test_backoff_grows_and_is_capped() -> None:
     assert 0.5 <= backoff_s(1, config) <= 1
     assert 2 <= backoff_s(3, config) <= 4
     assert 5 <= backoff_s(10, config) <= 10
+
+
+# ---- delivery against real sockets ---------------------------------------------------
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        self.request.settimeout(30)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.request.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            ),
+            0,
+        )
+        while len(rest) < length:
+            rest += self.request.recv(65536)
+        self.server.requests.append(head.decode())
+        with contextlib.suppress(OSError):  # the client hung up: what a capped reader does
+            self.server.behaviour(self.request, self.server)
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(
+        self, host: str, port: int, behaviour: Callable[[socket.socket, _Server], None]
+    ) -> None:
+        super().__init__((host, port), _Handler)
+        self.behaviour = behaviour
+        self.requests: list[str] = []
+        self.sent = 0
+        self.port = self.server_address[1]
+
+
+@contextmanager
+def receiver(
+    behaviour: Callable[[socket.socket, _Server], None], host: str = "127.0.0.1", port: int = 0
+) -> Iterator[_Server]:
+    server = _Server(host, port, behaviour)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def answer(status: int) -> Callable[[socket.socket, _Server], None]:
+    def behave(sock: socket.socket, server: _Server) -> None:
+        sock.sendall(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode())
+
+    return behave
+
+
+def drip(sock: socket.socket, server: _Server) -> None:
+    """Headers one byte every 0.1 s, forever: a per-read timeout never fires."""
+    for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+        sock.sendall(bytes([byte]))
+        time.sleep(0.1)
+
+
+def huge(sock: socket.socket, server: _Server) -> None:
+    """A 200 MiB answer, as fast as the client takes it."""
+    size = 200 * 1024 * 1024
+    sock.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
+    block = b"\0" * (1 << 20)
+    while server.sent < size:
+        sock.sendall(block)
+        server.sent += len(block)
+
+
+def allowing(*servers: _Server, **settings: Any) -> WebhookConfig:
+    hosts = tuple(f"{s.server_address[0]}:{s.port}" for s in servers)
+    return WebhookConfig(allowed_hosts=hosts, **settings)
+
+
+def send(url: str, config: WebhookConfig, **kwargs: Any) -> Any:
+    return asyncio.run(deliver(url, SECRET, "msg_1", '{"a":1}', config, **kwargs))
+
+
+def test_delivery_is_signed_and_2xx_is_delivered() -> None:
+    with receiver(answer(204)) as server:
+        attempt = send(f"http://127.0.0.1:{server.port}/hook", allowing(server))
+        assert attempt.delivered and attempt.error is None
+        assert "webhook-signature: v1," in server.requests[0].lower()
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(503, True), (429, True), (400, False)])
+def test_error_statuses_become_short_categories(status: int, retryable: bool) -> None:
+    with receiver(answer(status)) as server:
+        attempt = send(f"http://127.0.0.1:{server.port}/hook", allowing(server))
+    assert (attempt.delivered, attempt.retryable, attempt.error) == (
+        False,
+        retryable,
+        f"http_{status}",
+    )
+
+
+def test_connection_refused_and_dns_failure_are_categories_not_raw_text() -> None:
+    with receiver(answer(204)) as server:
+        port = server.port
+        config = allowing(server)
+    attempt = send(f"http://127.0.0.1:{port}/hook", config)  # nothing listens any more
+    assert (attempt.retryable, attempt.error) == (True, "connection_refused")
+
+    def nxdomain(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    attempt = send("https://hooks.example.com/x", OPEN, resolver=nxdomain)
+    assert (attempt.retryable, attempt.error) == (True, "dns_error")
+
+
+def test_a_dripping_receiver_is_cut_at_the_total_deadline() -> None:
+    with receiver(drip) as server:
+        started = time.monotonic()
+        attempt = send(f"http://127.0.0.1:{server.port}/hook", allowing(server, timeout_s=1))
+        elapsed = time.monotonic() - started
+    assert (attempt.delivered, attempt.retryable, attempt.error) == (False, True, "timeout")
+    assert elapsed < 2.5, f"the attempt took {elapsed:.1f}s with a 1s deadline"
+
+
+def test_a_huge_answer_is_not_read_whole() -> None:
+    with receiver(huge) as server:
+        started = time.monotonic()
+        attempt = send(f"http://127.0.0.1:{server.port}/hook", allowing(server, timeout_s=10))
+        elapsed = time.monotonic() - started
+        time.sleep(0.2)
+        sent = server.sent
+    assert attempt.delivered  # the status said 200; the body does not matter
+    assert sent < 64 * 1024 * 1024, f"{sent / 2**20:.0f} MiB were read of a 200 MiB answer"
+    assert elapsed < 5
+
+
+def test_delivery_goes_to_the_address_that_was_checked_dns_rebinding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name answers an allowed address first and loopback after: nothing reaches loopback.
+
+    ``socket.getaddrinfo`` itself is replaced, so a second resolution by the HTTP client
+    (what happened before the address was pinned) would be fooled as well.
+    """
+    real_getaddrinfo = socket.getaddrinfo
+    answers = iter(["127.0.0.2"])
+
+    def rebinding(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "rebind.test":
+            address = next(answers, "127.0.0.1")
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port or 0))]
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    with (
+        receiver(answer(204), host="127.0.0.2") as allowed,
+        receiver(answer(204), port=allowed.port) as internal,  # same port, on 127.0.0.1
+    ):
+        config = WebhookConfig(allowed_hosts=(f"127.0.0.2:{allowed.port}",))
+        url = f"http://rebind.test:{allowed.port}/hook"
+        attempt = send(url, config)
+        assert attempt.delivered, attempt
+        assert len(allowed.requests) == 1 and internal.requests == []
+        assert f"host: rebind.test:{allowed.port}" in allowed.requests[0].lower()
+        # the next attempt resolves to loopback and is refused before connecting
+        attempt = send(url, config)
+        assert (attempt.delivered, attempt.error) == (False, "refused_address")
+        assert internal.requests == [] and len(allowed.requests) == 1

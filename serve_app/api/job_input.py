@@ -1,0 +1,185 @@
+"""Creating a job from its raw body, away from the Ingress's event loop.
+
+A job body may be 16 MB and 100,000 items. Parsing it (one ``json.loads`` call holds the
+GIL for a third of a second and more), hashing it and validating every item takes
+seconds of CPU and hundreds of MiB; in the Ingress process even a worker thread would
+stall every other request of the replica, ``/healthz`` included, because the GIL is
+shared. So a large body is handed as bytes to a small pool of worker processes that
+parse, validate, check the callback URL and the key's backlog, and store the job; only
+the stored job comes back. A small body (the common case) is handled in a thread: a
+process hop would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from serve_app.api.body import parse_json, read_body_bytes
+from serve_app.api.quotas import check_backlog
+from serve_app.api.schemas import JobRequest
+from serve_app.api.validation import check_item_count, parse_body, parse_item
+from serve_app.config import JobsConfig
+from serve_app.errors import Conflict, InvalidInput
+from serve_app.jobs import IdempotencyConflict, Job, JobQueue, open_job_queue
+from serve_app.jobs.webhooks import check_callback_url
+from serve_app.scoring.items import Item
+
+# Bodies up to this size are handled in a thread of the Ingress; larger ones in a process.
+IN_PROCESS_MAX_BYTES = 1 << 20
+# Worker processes per Ingress replica: each holds one large body's parse at a time.
+WORKER_PROCESSES = 2
+
+
+@dataclass
+class PreparedJob:
+    """Valid items (``None`` where refused), refused items' errors, callback, body digest."""
+
+    items: list[Item | None]
+    rejected: dict[int, dict[str, Any]]
+    callback_url: str | None
+    body_hash: str
+
+
+def prepare_job(body: Any, max_items: int, raw: bytes | None = None) -> PreparedJob:
+    """Validate the envelope and every item; a bad item is kept as its error.
+
+    Compact on purpose: an item's exception is turned into its error dict at once (the
+    exception would keep its traceback and pydantic's error alive: measured, 446 MiB for
+    100,000 bad items), and identical errors share one dict. The idempotency digest is
+    of the raw bytes when given (hashlib releases the GIL; a canonical re-serialisation
+    of 16 MB would not).
+    """
+    request = parse_body(JobRequest, body)
+    check_item_count(len(request.items), max_items)
+    items: list[Item | None] = []
+    rejected: dict[int, dict[str, Any]] = {}
+    shared: dict[str, dict[str, Any]] = {}
+    for index, raw_item in enumerate(request.items):
+        try:
+            items.append(parse_item(raw_item))
+        except InvalidInput as exc:
+            items.append(None)
+            error = {"ok": False, "error": exc.to_dict()}
+            rejected[index] = shared.setdefault(json.dumps(error, sort_keys=True), error)
+    canonical = raw if raw is not None else json.dumps(body, sort_keys=True).encode()
+    return PreparedJob(items, rejected, request.callback_url, hashlib.sha256(canonical).hexdigest())
+
+
+_QUEUES: dict[str, JobQueue] = {}
+
+
+def _queue_for(url: str) -> JobQueue:
+    """One queue client per URL per worker process."""
+    if url not in _QUEUES:
+        _QUEUES[url] = open_job_queue(url)
+    return _QUEUES[url]
+
+
+def create_job(
+    raw: bytes,
+    owner: str,
+    idempotency_key: str | None,
+    jobs_settings: dict[str, Any],
+    webhooks_configured: bool,
+    queue: JobQueue | None = None,
+) -> tuple[Job, bool]:
+    """Parse, validate, check and store one job; return it and whether it is new.
+
+    Runs in a worker process (``queue`` None: opened from the settings' URL) or a thread.
+    Raises the usual :class:`~serve_app.errors.ServeAppError` subclasses (4xx, 429, 503).
+    """
+    jobs = JobsConfig.model_validate(jobs_settings)
+    prepared = prepare_job(parse_json(raw), jobs.max_items, raw)
+    if prepared.callback_url is not None:
+        check_callback_url(prepared.callback_url, jobs.webhooks)
+        if not webhooks_configured:
+            raise InvalidInput(
+                "webhooks are not configured on this service (no signing secret)",
+                [{"type": "webhooks_not_configured"}],
+            )
+    queue = queue or _queue_for(jobs.queue_url)
+    valid = len(prepared.items) - len(prepared.rejected)
+    check_backlog(queue.owner_backlog(owner), valid, jobs.max_queued_items_per_key)
+    try:
+        return queue.create(
+            owner,
+            prepared.items,
+            prepared.rejected,
+            prepared.callback_url,
+            idempotency_key,
+            prepared.body_hash,
+        )
+    except IdempotencyConflict as exc:
+        raise Conflict(
+            "this Idempotency-Key was already used with a different body",
+            [{"type": "idempotency_key_reused"}],
+        ) from exc
+
+
+def _exit_with(replica_pid: int) -> None:
+    """In a worker process: end when the replica ends, even if it is killed."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(replica_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-replica").start()
+
+
+class JobCreator:
+    """Creates jobs in a thread (small bodies) or a worker process (large bodies)."""
+
+    def __init__(self, jobs: JobsConfig, queue: JobQueue, webhooks_configured: bool) -> None:
+        self._settings = jobs.model_dump()
+        self._queue = queue
+        self._webhooks_configured = webhooks_configured
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _processes(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # Not fork: the replica runs threads (gRPC, Ray). The fork server preloads this
+            # module only, not the replica's __main__ (Ray's worker script).
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            self._pool = ProcessPoolExecutor(
+                WORKER_PROCESSES,
+                mp_context=context,
+                initializer=_exit_with,
+                initargs=(os.getpid(),),
+            )
+        return self._pool
+
+    async def create(self, raw: bytes, owner: str, idempotency_key: str | None) -> tuple[Job, bool]:
+        args = (raw, owner, idempotency_key, self._settings, self._webhooks_configured)
+        if len(raw) <= IN_PROCESS_MAX_BYTES:
+            return await asyncio.to_thread(create_job, *args, self._queue)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._processes(), create_job, *args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def job_raw_body(request: Request) -> bytes:
+    """The job body as bytes, size-bounded while streaming (413), parsed later elsewhere."""
+    max_bytes = request.app.state.api_context.config.jobs.max_body_bytes
+    return await read_body_bytes(request, max_bytes)
+
+
+JobRawBody = Annotated[bytes, Depends(job_raw_body)]

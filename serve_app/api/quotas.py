@@ -1,0 +1,77 @@
+"""Per-key caps on job creation: what one API key may have in flight on a replica.
+
+A job body may be 16 MB and 100,000 items; parsing and validating one costs hundreds of
+MiB for a moment. Without a cap, one key posting several at once exhausts the Ingress's
+memory for everybody. So each key may create at most ``max_concurrent_creations_per_key``
+jobs at once per replica (the slot is taken *before* the body is read), and may have at
+most ``max_queued_items_per_key`` items waiting in the queue; beyond either, 429 with
+``Retry-After``. All keys together may create ``max_concurrent_creations`` at once per
+replica; beyond that the replica is busy: 503 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from serve_app.api.deps import Owner
+from serve_app.errors import Overloaded, TooManyRequests
+
+
+class CreationSlots:
+    """Counts job creations in progress per owner on this replica (one event loop)."""
+
+    def __init__(self, per_owner: int, total: int) -> None:
+        self.per_owner = per_owner
+        self.total = total
+        self._in_progress: Counter[str] = Counter()
+
+    def acquire(self, owner: str) -> None:
+        if self._in_progress.total() >= self.total:
+            raise Overloaded(
+                f"this replica is already creating {self.total} jobs; retry shortly",
+                [{"type": "too_many_concurrent_submissions", "limit": self.total}],
+            )
+        if self._in_progress[owner] >= self.per_owner:
+            raise TooManyRequests(
+                f"this API key already has {self.per_owner} job submission(s) in progress; "
+                "retry when one has been answered",
+                [{"type": "too_many_concurrent_submissions", "limit": self.per_owner}],
+            )
+        self._in_progress[owner] += 1
+
+    def release(self, owner: str) -> None:
+        self._in_progress[owner] -= 1
+        if self._in_progress[owner] <= 0:
+            del self._in_progress[owner]
+
+
+def install_creation_slots(state: object, slots: CreationSlots) -> None:
+    """Make ``slots`` the replica's (the Ingress calls this when it starts)."""
+    state.job_creation_slots = slots  # type: ignore[attr-defined]
+
+
+async def creation_slot(request: Request, owner: Owner) -> AsyncIterator[None]:
+    """Hold one of ``owner``'s creation slots for the whole request, body reading included."""
+    slots: CreationSlots = request.app.state.job_creation_slots
+    slots.acquire(owner)
+    try:
+        yield
+    finally:
+        slots.release(owner)
+
+
+def check_backlog(backlog: int, new_items: int, limit: int) -> None:
+    """429 when ``new_items`` would take the key's queued items past ``limit``."""
+    if backlog + new_items > limit:
+        raise TooManyRequests(
+            f"this API key has {backlog} items waiting in the queue; {new_items} more would "
+            f"exceed its limit of {limit}. Retry when some jobs have finished",
+            [{"type": "too_many_queued_items", "limit": limit, "queued": backlog}],
+        )
+
+
+CreationSlot = Annotated[None, Depends(creation_slot)]

@@ -1,0 +1,87 @@
+"""Which network addresses a callback may reach: pure functions, no configuration.
+
+Used by the config (to check ``allowed_hosts`` entries at start) and by the webhook
+policy (``serve_app/jobs/webhooks.py``), so it imports neither.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+@dataclass(frozen=True)
+class HostRule:
+    """One ``allowed_hosts`` entry: a name, an address or a network, and its ports."""
+
+    name: str | None
+    network: IPNetwork | None
+    ports: tuple[int, ...] | None  # None: the ``allowed_ports`` (80, 443 by default)
+
+    def matches(self, host: str, address: IPAddress, port: int, default: Sequence[int]) -> bool:
+        if port not in (self.ports or tuple(default)):
+            return False
+        if self.name is not None:
+            return self.name == host
+        return self.network is not None and address in self.network
+
+
+def parse_host_rule(entry: str) -> HostRule:
+    """``HOST``, ``HOST:PORT``, ``[IPv6]:PORT``, ``CIDR:PORT``; ValueError when malformed."""
+    text = entry.strip().lower()
+    port: int | None = None
+    if text.startswith("["):
+        inner, _, rest = text[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"allowed_hosts entry {entry!r}: text after ']'")
+        host, port_text = inner, rest[1:] if rest else ""
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    if port_text:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"allowed_hosts entry {entry!r}: bad port {port_text!r}")
+        port = int(port_text)
+    ports = None if port is None else (port,)
+    try:
+        return HostRule(None, ipaddress.ip_network(host, strict=False), ports)
+    except ValueError:
+        pass
+    if not valid_hostname(host):
+        raise ValueError(f"allowed_hosts entry {entry!r} is not a host name, address or network")
+    return HostRule(host, None, ports)
+
+
+def valid_hostname(host: str) -> bool:
+    if not host or len(host) > 253:
+        return False
+    return all(_LABEL.match(label) for label in host.removesuffix(".").split("."))
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries (mapped, compatible, 6to4, Teredo, NAT64)."""
+    found = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if any(address in network for network in _NAT64) or int(address) >> 32 == 0:
+        found.append(low32)
+    return found
+
+
+def is_public(address: IPAddress) -> bool:
+    """Globally routable, and so is every IPv4 address wrapped inside it."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        return all(is_public(inner) for inner in _embedded_ipv4(address))
+    return True

@@ -1,0 +1,158 @@
+"""``serve-app k8s``: a KubeRay ``RayService`` manifest made from ``configs/cluster.yaml``.
+
+The manifest is derived, never hand-edited, so it cannot drift from the config:
+
+* ``serveConfigV2`` is the cluster YAML itself (its ``applications`` exactly, with its
+  proxy, HTTP and logging options);
+* the worker group's CPU request is what the deployments need at peak
+  (``num_cpus x max_replicas`` summed), spread over ``workers - 1`` pods so that the
+  app still fits after losing one pod; Ray's ``num-cpus`` equals the pod's request;
+* every Ray container (head and workers) gets the throughput-mode variables
+  (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, ``RAY_SERVE_ENABLE_HA_PROXY=1``) and, from one
+  Kubernetes Secret, every ``${VAR}`` the config reads plus the API keys and webhook
+  secret. No secret value is ever written into the manifest.
+
+There is no Kubernetes here; ``kubectl apply -f`` of the output is how it would be run
+(README, "Scale out").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve_app.config import AppConfig, read_serve_yaml
+
+RAY_VERSION = "2.60.0"
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class ManifestOptions:
+    image: str = "serve_app:0.1.0"
+    secret_name: str = "serve-app"
+    worker_replicas: int = 2
+    name: str = "serve-app"
+    worker_memory: str = "3Gi"
+    head_cpus: str = "1"
+    head_memory: str = "2Gi"
+
+
+def peak_cpus(serve_config: dict[str, Any]) -> float:
+    """CPUs every deployment of every application needs with all its replicas."""
+    total = 0.0
+    for application in serve_config["applications"]:
+        for deployment in application.get("deployments", []):
+            cpus = (deployment.get("ray_actor_options") or {}).get("num_cpus", 1)
+            autoscaling = deployment.get("autoscaling_config") or {}
+            replicas = autoscaling.get("max_replicas", deployment.get("num_replicas", 1))
+            total += float(cpus) * int(replicas)
+    return total
+
+
+def worker_cpus(serve_config: dict[str, Any], workers: int) -> float:
+    """Per worker pod, in halves of a CPU: the peak fits on ``workers - 1`` pods (N+1)."""
+    survivors = max(1, workers - 1)
+    return math.ceil(peak_cpus(serve_config) / survivors * 2) / 2
+
+
+def secret_variables(serve_config: dict[str, Any]) -> list[str]:
+    """Every variable the config reads: ``${VAR}`` in its args, and the key/secret envs."""
+    names = set(_ENV_REFERENCE.findall(yaml.safe_dump(serve_config)))
+    for application in serve_config["applications"]:
+        config = AppConfig.model_validate(application.get("args") or {})
+        if config.auth.enabled:
+            names.add(config.auth.keys_env)
+        if config.jobs.enabled:
+            names.add(config.jobs.webhooks.secret_env)
+    return sorted(names)
+
+
+def _container(
+    name: str, options: ManifestOptions, secrets: list[str], cpus: str, memory: str
+) -> dict[str, Any]:
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in THROUGHPUT_ENV.items()]
+    env += [
+        {"name": var, "valueFrom": {"secretKeyRef": {"name": options.secret_name, "key": var}}}
+        for var in secrets
+    ]
+    return {
+        "name": name,
+        "image": options.image,
+        "env": env,
+        "resources": {
+            "requests": {"cpu": cpus, "memory": memory},
+            "limits": {"cpu": cpus, "memory": memory},
+        },
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+    }
+
+
+def build_manifest(serve_config: dict[str, Any], options: ManifestOptions) -> dict[str, Any]:
+    """The RayService as a dict (see the module docstring for what is derived from what)."""
+    secrets = secret_variables(serve_config)
+    per_worker = worker_cpus(serve_config, options.worker_replicas)
+    per_worker_text = f"{per_worker:g}"
+    head = _container("ray-head", options, secrets, options.head_cpus, options.head_memory)
+    head["ports"] = [
+        {"containerPort": 6379, "name": "gcs"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+        {"containerPort": 8000, "name": "serve"},
+    ]
+    worker = _container("ray-worker", options, secrets, per_worker_text, options.worker_memory)
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": options.name},
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
+            "rayClusterConfig": {
+                "rayVersion": RAY_VERSION,
+                "headGroupSpec": {
+                    # the head runs the controller and GCS, no replicas
+                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                    "template": {"spec": {"containers": [head]}},
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "workers",
+                        "replicas": options.worker_replicas,
+                        "minReplicas": options.worker_replicas,
+                        "maxReplicas": options.worker_replicas,
+                        "rayStartParams": {"num-cpus": per_worker_text},
+                        "template": {"spec": {"containers": [worker]}},
+                    }
+                ],
+            },
+        },
+    }
+
+
+def render_manifest(config_path: Path, options: ManifestOptions) -> str:
+    """The manifest as YAML, with a header saying where it came from."""
+    manifest = build_manifest(read_serve_yaml(config_path), options)
+    header = (
+        f"# Generated by `serve-app k8s --config {config_path}`; do not edit, regenerate.\n"
+        f"# Needs the Secret {options.secret_name!r} with keys: "
+        f"{', '.join(secret_variables(read_serve_yaml(config_path)))}\n"
+    )
+    return header + yaml.dump(manifest, Dumper=_BlockDumper, sort_keys=False)
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (serveConfigV2) as readable ``|`` blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str)

@@ -1,0 +1,80 @@
+"""Redis as the feature store: shared by every node, one round trip per bulk look-up.
+
+Key layout (written by ``serve-app load-features``, read here)::
+
+    serve_app:features:v1:{entity_id}  ->  JSON object {feature name: value}  (a string key)
+    serve_app:features:v1:_meta        ->  JSON {"columns": [...], "rows": n, "loaded_at": t}
+
+One string per entity, so a bulk look-up is ONE ``MGET`` whatever the number of ids: a
+single round trip, unlike a pipeline of ``HGETALL`` that Redis executes one by one. The
+JSON keeps the same Python types the SQLite store returns (float, str, None). ``v1`` is
+the layout version: a new layout is loaded next to the old one, never over it.
+
+Timeouts and retries are the caller's (:class:`~serve_app.stores.client.StoreClient`), as
+for every backend; connection errors and Redis errors become ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from serve_app.errors import StoreUnavailable
+from serve_app.stores.base import FeatureRow
+
+KEY_PREFIX = "serve_app:features:v1:"
+META_KEY = KEY_PREFIX + "_meta"
+
+
+def feature_key(entity_id: str) -> str:
+    """The Redis key of one entity's feature row."""
+    return KEY_PREFIX + entity_id
+
+
+class RedisFeatureStore:
+    """Rows as JSON strings under :func:`feature_key`, read with one MGET per look-up.
+
+    The client holds a blocking connection pool (``max_connections``) for the replica's
+    event loop: concurrent look-ups share its connections and wait for a free one rather
+    than open more.
+    """
+
+    def __init__(self, url: str, max_connections: int = 32) -> None:
+        self.url = url
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=5.0,  # wait this long for a free connection, never open more
+            socket_connect_timeout=2.0,
+        )
+        self._redis = aioredis.Redis.from_pool(pool)
+
+    async def get_many(self, entity_ids: Sequence[str]) -> dict[str, FeatureRow]:
+        if not entity_ids:
+            return {}
+        unique = list(dict.fromkeys(entity_ids))
+        try:
+            values = await self._redis.mget([feature_key(entity) for entity in unique])
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis look-up failed: {type(exc).__name__}: {exc}") from exc
+        found: dict[str, FeatureRow] = {}
+        for entity, value in zip(unique, values, strict=True):
+            if value is None:
+                continue
+            try:
+                found[entity] = json.loads(value)
+            except ValueError as exc:
+                raise StoreUnavailable(f"corrupt feature row for {entity!r} in redis") from exc
+        return found
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()

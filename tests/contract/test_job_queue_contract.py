@@ -1,0 +1,297 @@
+"""The JobQueue contract: every test runs against SQLite and a real PostgreSQL server.
+
+The cases of tests/unit/test_job_queue.py, parametrised over the backends, plus what only
+shows with concurrency: claims never overlap, an idempotency key wins once, cancel and
+finish exclude each other, results stay exactly once, purge works past one batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from serve_app.jobs import IdempotencyConflict, JobQueue, open_job_queue
+from serve_app.jobs.postgres import PostgresJobQueue
+from serve_app.jobs.sqlite import SQLiteJobQueue
+from tests.services import PostgresServer
+
+ITEMS = [{"entity_id": f"E{i:07d}", "context": {}} for i in range(5)]
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS)
+def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobQueue]:
+    """A fresh, empty queue of each backend, opened by URL as the deployments do."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_srv")
+        url = server.create_database("queue")
+    queue = open_job_queue(url)
+    assert isinstance(queue, SQLiteJobQueue if request.param == "sqlite" else PostgresJobQueue)
+    yield queue
+    queue.close()
+
+
+def test_create_claim_run_finish(queue: JobQueue) -> None:
+    job, created = queue.create("owner", ITEMS, {}, None, None, "h")
+    assert created and job.state == "queued" and queue.depth() == 1
+    claimed = queue.claim("w1", lease_s=30)
+    assert claimed is not None and claimed.id == job.id and claimed.state == "running"
+    assert queue.claim("w2", lease_s=30) is None  # leased: nobody else gets it
+    pending = queue.pending_items(job.id, 3)
+    assert [idx for idx, _ in pending] == [0, 1, 2]
+    assert pending[0][1] == ITEMS[0]
+    assert queue.save_results(job.id, "w1", 30, [(i, {"score": 0.5}) for i, _ in pending])
+    assert [idx for idx, _ in queue.pending_items(job.id, 10)] == [3, 4]
+    assert queue.save_results(
+        job.id, "w1", 30, [(3, {"score": 0.1}), (4, {"error": {"code": "x"}})]
+    )
+    assert queue.finish(job.id, "w1", "succeeded", None, 30, 60)
+    final = queue.get(job.id, "owner")
+    assert final is not None and final.state == "succeeded" and final.finished
+    assert (final.done, final.failed, final.total) == (5, 1, 5)
+    results = queue.results(job.id, 0, 10)
+    assert [r["index"] for r in results] == [0, 1, 2, 3, 4]
+    assert results[4] == {"index": 4, "error": {"code": "x"}}
+    assert [r["index"] for r in queue.results(job.id, 3, 1)] == [3]  # paging
+    assert queue.depth() == 0
+    assert not queue.finish(job.id, "w1", "failed", "again", 30, 60)  # only once
+
+
+def test_expired_lease_is_claimed_again_and_results_stay_exactly_once(queue: JobQueue) -> None:
+    job, _ = queue.create("owner", ITEMS, {}, None, None, "h")
+    assert queue.claim("dead-worker", lease_s=0.05) is not None
+    queue.save_results(job.id, "dead-worker", 0.05, [(0, {"score": 0.1}), (1, {"score": 0.2})])
+    time.sleep(0.1)
+    again = queue.claim("w2", lease_s=30)
+    assert again is not None and again.claims == 2 and again.id == job.id
+    # the dead worker lost its lease: its late writes are refused
+    assert not queue.save_results(job.id, "dead-worker", 30, [(2, {"score": 0.9})])
+    assert [idx for idx, _ in queue.pending_items(job.id, 10)] == [2, 3, 4]
+    # a re-sent result for an item already stored is ignored, not duplicated
+    assert queue.save_results(job.id, "w2", 30, [(1, {"score": 0.7}), (2, {"score": 0.3})])
+    results = queue.results(job.id, 0, 10)
+    assert [r["index"] for r in results] == [0, 1, 2]
+    assert results[1]["score"] == 0.2
+    final = queue.get(job.id, "owner")
+    assert final is not None and final.done == 3
+
+
+def test_idempotency_and_ownership(queue: JobQueue) -> None:
+    job, _ = queue.create("alice", ITEMS, {}, None, "key-1", "hash-a")
+    same, created = queue.create("alice", ITEMS, {}, None, "key-1", "hash-a")
+    assert same.id == job.id and not created
+    with pytest.raises(IdempotencyConflict):
+        queue.create("alice", ITEMS, {}, None, "key-1", "hash-b")
+    bob, created = queue.create("bob", ITEMS, {}, None, "key-1", "hash-b")
+    assert created and bob.id != job.id
+    assert queue.get(job.id, "bob") is None and queue.cancel(job.id, "bob", 60) == (None, False)
+    assert queue.get_any(job.id) is not None
+    # no key: every create is a new job
+    first, _ = queue.create("alice", ITEMS, {}, None, None, "hash-a")
+    second, _ = queue.create("alice", ITEMS, {}, None, None, "hash-a")
+    assert first.id != second.id
+
+
+def test_concurrent_creates_with_one_key_make_one_job(queue: JobQueue) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(lambda _: queue.create("o", ITEMS, {}, None, "same", "h"), range(16))
+        )
+    assert len({job.id for job, _ in answers}) == 1
+    assert sum(created for _, created in answers) == 1
+    assert queue.depth() == 1
+
+
+def test_rejected_items_are_stored_as_errors_at_once(queue: JobQueue) -> None:
+    items = [ITEMS[0], None, ITEMS[2]]
+    job, _ = queue.create("o", items, {1: {"error": {"code": "invalid_input"}}}, None, None, "h")
+    assert (job.done, job.failed, job.total) == (1, 1, 3)
+    assert [idx for idx, _ in queue.pending_items(job.id, 10)] == [0, 2]
+    assert queue.results(job.id, 0, 10) == [{"index": 1, "error": {"code": "invalid_input"}}]
+
+
+def test_cancel_stops_the_worker_and_owes_a_webhook(queue: JobQueue) -> None:
+    job, _ = queue.create("o", ITEMS, {}, "https://93.184.216.34/h", None, "h")
+    queue.claim("w1", 30)
+    cancelled, changed = queue.cancel(job.id, "o", 60)
+    assert changed and cancelled is not None and cancelled.state == "cancelled"
+    assert cancelled.expires_at is not None  # purged after the retention time like others
+    again, changed_again = queue.cancel(job.id, "o", 60)
+    assert again is not None and again.state == "cancelled" and not changed_again
+    assert cancelled.webhook_state == "pending"
+    assert not queue.save_results(job.id, "w1", 30, [(0, {"score": 0.5})])
+    assert not queue.finish(job.id, "w1", "succeeded", None, 30, 60)
+    webhook_claim = queue.claim("w2", 30)
+    assert webhook_claim is not None and webhook_claim.finished
+    assert webhook_claim.claims == 1  # a webhook claim is not a work claim
+
+
+def test_cancel_and_finish_exclude_each_other(queue: JobQueue) -> None:
+    """Racing cancel against finish: exactly one of them wins, every time."""
+    for round_ in range(10):
+        job, _ = queue.create("o", ITEMS[:1], {}, None, None, f"h{round_}")
+        assert queue.claim("w", 30) is not None
+        queue.save_results(job.id, "w", 30, [(0, {"score": 0.5})])
+        barrier = threading.Barrier(2)
+
+        def cancel(job_id: str = job.id, barrier: threading.Barrier = barrier) -> bool:
+            barrier.wait()
+            return queue.cancel(job_id, "o", 60)[1]
+
+        def finish(job_id: str = job.id, barrier: threading.Barrier = barrier) -> bool:
+            barrier.wait()
+            return queue.finish(job_id, "w", "succeeded", None, 30, 60)
+
+        with ThreadPoolExecutor(2) as pool:
+            cancelled, finished = pool.submit(cancel), pool.submit(finish)
+            outcome = (cancelled.result(), finished.result())
+        assert outcome in ((True, False), (False, True))
+        final = queue.get(job.id, "o")
+        assert final is not None
+        assert final.state == ("cancelled" if outcome[0] else "succeeded")
+
+
+def test_concurrent_claims_never_take_one_job_twice(queue: JobQueue) -> None:
+    jobs = {queue.create("o", ITEMS[:1], {}, None, None, f"h{i}")[0].id for i in range(20)}
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while (job := queue.claim(name, 30)) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(worker, [f"w{i}" for i in range(6)]))
+    assert sorted(claimed) == sorted(jobs)  # each job exactly once
+
+
+def test_concurrent_workers_store_each_item_exactly_once(queue: JobQueue) -> None:
+    """Two workers racing on one job after a lease expiry: no item twice, none lost."""
+    items = [{"entity_id": f"E{i:07d}"} for i in range(200)]
+    job, _ = queue.create("o", items, {}, None, None, "h")
+    assert queue.claim("slow", 0.01) is not None
+    time.sleep(0.05)
+    assert queue.claim("fast", 30) is not None
+
+    def run(worker: str) -> None:
+        while pending := queue.pending_items(job.id, 25):
+            if not queue.save_results(
+                job.id, worker, 30, [(i, {"score": 0.5}) for i, _ in pending]
+            ):
+                return
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(run, ["slow", "fast"]))
+    results = queue.results(job.id, 0, 1_000)
+    assert [r["index"] for r in results] == list(range(200))
+    final = queue.get(job.id, "o")
+    assert final is not None and final.done == 200
+
+
+def test_webhook_schedule_and_purge(queue: JobQueue) -> None:
+    job, _ = queue.create("o", ITEMS[:1], {}, "https://93.184.216.34/h", None, "h")
+    queue.claim("w1", 30)
+    queue.save_results(job.id, "w1", 30, [(0, {"score": 0.5})])
+    assert queue.finish(job.id, "w1", "succeeded", None, 30, result_ttl_s=0.01)
+    assert queue.claim("w2", 30) is None  # the finishing worker delivers first
+    queue.record_webhook(job.id, "pending", 1, time.time() + 60, "HTTP 503")
+    assert queue.claim("w2", 30) is None  # not before its next attempt time
+    time.sleep(0.02)
+    assert queue.purge_expired() == 0  # a webhook still owed keeps the job
+    queue.record_webhook(job.id, "pending", 2, time.time() - 1, "HTTP 503")
+    retry = queue.claim("w2", 30)
+    assert retry is not None and retry.id == job.id and retry.webhook_attempts == 2
+    queue.record_webhook(job.id, "delivered", 3, 0, None)
+    delivered = queue.get_any(job.id)
+    assert delivered is not None and delivered.public()["webhook"] == {
+        "state": "delivered",
+        "attempts": 3,
+        "last_error": None,
+    }
+    assert queue.purge_expired() == 1
+    assert queue.get_any(job.id) is None and queue.results(job.id, 0, 10) == []
+
+
+def test_purge_goes_past_one_batch(queue: JobQueue) -> None:
+    ids = []
+    for i in range(230):
+        job, _ = queue.create("o", ITEMS[:2], {}, None, None, f"h{i}")
+        ids.append(job.id)
+        assert queue.cancel(job.id, "o", result_ttl_s=0.001)[1]
+    keep, _ = queue.create("o", ITEMS[:1], {}, None, None, "keep")
+    time.sleep(0.01)
+    assert queue.purge_expired() == 230
+    assert queue.get_any(ids[0]) is None and queue.pending_items(ids[-1], 10) == []
+    assert queue.get_any(keep.id) is not None and queue.depth() == 1
+
+
+def test_a_large_job_round_trips(queue: JobQueue) -> None:
+    items = [{"entity_id": f"E{i:07d}", "context": {"amount": i / 10}} for i in range(5_000)]
+    job, _ = queue.create("o", items, {}, None, None, "h")
+    assert queue.claim("w", 30) is not None
+    while pending := queue.pending_items(job.id, 1_000):
+        assert queue.save_results(job.id, "w", 30, [(i, {"score": 0.25}) for i, _ in pending])
+    assert queue.finish(job.id, "w", "succeeded", None, 30, 60)
+    final = queue.get(job.id, "o")
+    assert final is not None and (final.done, final.total) == (5_000, 5_000)
+    page = queue.results(job.id, 4_990, 100)
+    assert [r["index"] for r in page] == list(range(4_990, 5_000))
+
+
+def test_postgres_schema_is_created_once_and_reopened(postgres_srv: PostgresServer) -> None:
+    url = postgres_srv.create_database("schema")
+    with ThreadPoolExecutor(4) as pool:  # replicas starting at once must not race
+        queues = list(pool.map(lambda _: PostgresJobQueue(url), range(4)))
+    job, _ = queues[0].create("o", ITEMS, {}, None, None, "h")
+    assert queues[3].get(job.id, "o") is not None
+    for queue in queues:
+        queue.close()
+    reopened = PostgresJobQueue(url)
+    assert reopened.get(job.id, "o") is not None
+    reopened.close()
+
+
+def test_owner_backlog_counts_items_not_done(queue: JobQueue) -> None:
+    job, _ = queue.create("alice", ITEMS, {}, None, None, "h1")
+    queue.create("alice", [ITEMS[0], None], {1: {"error": {"code": "x"}}}, None, None, "h2")
+    queue.create("bob", ITEMS, {}, None, None, "h3")
+    assert queue.owner_backlog("alice") == 5 + 1
+    claimed = queue.claim("w", 30)
+    assert claimed is not None and claimed.id == job.id
+    queue.save_results(job.id, "w", 30, [(0, {"score": 0.5}), (1, {"score": 0.5})])
+    assert queue.owner_backlog("alice") == 3 + 1
+    queue.cancel(job.id, "alice", 60)
+    assert queue.owner_backlog("alice") == 1 and queue.owner_backlog("nobody") == 0
+
+
+def test_release_gives_leases_back_uncounted(queue: JobQueue) -> None:
+    job, _ = queue.create("o", ITEMS, {}, None, None, "h")
+    first = queue.claim("stopping", 30)
+    assert first is not None and first.claims == 1
+    assert queue.claim("other", 30) is None
+    assert queue.release("stopping") == 1
+    again = queue.claim("other", 30)
+    assert again is not None and again.id == job.id and again.claims == 1  # not counted
+    assert not queue.save_results(job.id, "stopping", 30, [(0, {"score": 0.1})])
+    assert queue.release("nobody") == 0
+
+
+def test_work_is_claimed_before_due_webhooks(queue: JobQueue) -> None:
+    done, _ = queue.create("o", ITEMS[:1], {}, "https://93.184.216.34/h", None, "h1")
+    queue.claim("w", 30)
+    queue.save_results(done.id, "w", 30, [(0, {"score": 0.5})])
+    queue.finish(done.id, "w", "succeeded", None, 30, 60)
+    queue.record_webhook(done.id, "pending", 1, time.time() - 1, "HTTP 503")
+    work, _ = queue.create("o", ITEMS, {}, None, None, "h2")
+    first = queue.claim("w2", 30)
+    second = queue.claim("w3", 30)
+    assert first is not None and first.id == work.id
+    assert second is not None and second.id == done.id and second.finished

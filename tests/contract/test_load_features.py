@@ -1,0 +1,69 @@
+"""`serve-app load-features` against a real redis-server: validation, refusals, idempotence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from serve_app.offline.cli import main
+from serve_app.offline.datagen import generate_entities
+from serve_app.stores.redis import META_KEY, feature_key
+from tests.services import RedisServer
+
+
+def _csv(tmp_path: Path) -> Path:
+    frame = generate_entities(200, 7).reset_index().astype(object)
+    frame.loc[3, "income"] = "lots"
+    frame.loc[5, "region"] = "mars"
+    frame.loc[7, "entity_id"] = ""
+    frame.loc[9, "age"] = float("inf")
+    frame = pd.concat([frame, frame.iloc[[10]]])  # a duplicate id
+    frame["extra"] = 1
+    path = tmp_path / "features.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_bad_rows_are_refused_with_reasons_and_reloading_is_idempotent(
+    redis_srv: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = redis_srv.client()
+    client.flushdb()
+    source, rejects = _csv(tmp_path), tmp_path / "rejects.csv"
+    args = ["load-features", "--to", redis_srv.url, "--from", str(source), "--quiet"]
+    assert main([*args, "--rejects", str(rejects)]) == 1
+    out = capsys.readouterr().err
+    assert "loaded 196 rows" in out and "refused 5" in out and "['extra']" in out
+    reasons = pd.read_csv(rejects)
+    assert list(reasons["row"]) == [4, 6, 8, 10, 201]
+    assert "income: 'lots' is not a number" in reasons["reason"][0]
+    assert "not one of north" in reasons["reason"][1]
+    assert "not finite" in reasons["reason"][3] and "duplicate" in reasons["reason"][4]
+    keys_once = sorted(client.keys("serve_app:features:v1:*"))
+    assert main(args) == 1  # the same input again: the same store
+    assert sorted(client.keys("serve_app:features:v1:*")) == keys_once
+    assert len(keys_once) == 196 + 1  # rows and the _meta key
+    row = json.loads(client.get(feature_key("E0000000")))
+    assert isinstance(row["age"], float) and row["region"] in ("north", "south", "east", "west")
+    assert json.loads(client.get(META_KEY))["rows"] == 196
+    assert client.get(feature_key("E0000003")) is None
+    client.close()
+
+
+def test_missing_columns_refuse_the_whole_input(
+    redis_srv: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "thin.csv"
+    pd.DataFrame({"entity_id": ["E1"], "age": [3]}).to_csv(path, index=False)
+    assert main(["load-features", "--to", redis_srv.url, "--from", str(path), "--quiet"]) == 2
+    assert "lacks the columns" in capsys.readouterr().err
+
+
+def test_parquet_input(redis_srv: RedisServer, tmp_path: Path) -> None:
+    path = tmp_path / "features.parquet"
+    generate_entities(50, 3).reset_index().to_parquet(path)
+    args = ["load-features", "--to", redis_srv.url, "--from", str(path), "--quiet"]
+    assert main(args) == 0

@@ -1,0 +1,73 @@
+"""The shared prediction cache on a real redis-server: replicas share hits, Redis expires them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+from serve_app.cache import SharedPredictionCache
+from tests.services import RedisServer
+
+ANSWER = {"entity_id": "E0000001", "model_version": "1.0", "cached": False, "score": 0.25}
+KEY = ("1.0", "E0000001", 9.5, 14, "web")
+
+
+def test_a_replica_sees_another_replicas_answers(redis_srv: RedisServer) -> None:
+    async def scenario() -> None:
+        first = SharedPredictionCache(redis_srv.url, maxsize=100, ttl_s=60)
+        second = SharedPredictionCache(redis_srv.url, maxsize=100, ttl_s=60)
+        try:
+            first.put(KEY, ANSWER)
+            first.put(("1.0", "E2", None, None, None), {**ANSWER, "degraded": True})  # not kept
+            await first.flush()
+            assert second.get(KEY) is None  # not yet local
+            assert await second.prefetch([KEY, ("1.0", "E2", None, None, None)]) == 1
+            assert second.get(KEY) == ANSWER and second.shared_hits == 1
+            # another model version never sees this answer
+            assert await second.prefetch([("2.0", *KEY[1:])]) == 0
+            assert await second.prefetch([KEY]) == 0  # local now: no Redis call at all
+        finally:
+            await first.aclose()
+            await second.aclose()
+
+    asyncio.run(scenario())
+    ttl_ms = redis_srv.client().pttl(SharedPredictionCache.redis_key(KEY))
+    assert 50_000 < ttl_ms <= 60_000  # expiry is Redis's TTL
+
+
+def test_entries_expire_in_redis(redis_srv: RedisServer) -> None:
+    key = ("1.0", "E0000002", None, None, None)
+
+    async def scenario() -> int:
+        writer = SharedPredictionCache(redis_srv.url, maxsize=10, ttl_s=0.2)
+        reader = SharedPredictionCache(redis_srv.url, maxsize=10, ttl_s=0.2)
+        writer.put(key, ANSWER)
+        await writer.flush()
+        await asyncio.sleep(0.4)
+        found = await reader.prefetch([key])
+        await writer.aclose()
+        await reader.aclose()
+        return found
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_a_frozen_redis_is_a_miss_not_a_failure(redis_srv: RedisServer) -> None:
+    async def scenario() -> tuple[int, float, int]:
+        cache = SharedPredictionCache(redis_srv.url, maxsize=10, ttl_s=60, timeout_s=0.05)
+        await cache.prefetch([("warm", "up", None, None, None)])  # open a connection first
+        os.kill(redis_srv.pid, signal.SIGSTOP)
+        try:
+            started = time.perf_counter()
+            found = await cache.prefetch([("1.0", "E9", None, None, None)])
+            elapsed = time.perf_counter() - started
+        finally:
+            os.kill(redis_srv.pid, signal.SIGCONT)
+        errors = cache.shared_errors
+        await cache.aclose()
+        return found, elapsed, errors
+
+    found, elapsed, errors = asyncio.run(scenario())
+    assert found == 0 and errors == 1 and elapsed < 0.5

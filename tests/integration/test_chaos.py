@@ -1,0 +1,226 @@
+"""Chaos: SIGKILL one replica of each deployment in turn, under steady load and a job.
+
+The default config keeps two replicas of Ingress, Model and FeatureFetcher. Predictions
+are idempotent, so a call whose Model replica died (or whose Model lost its
+FeatureFetcher) is sent once more by the ingress, and HAProxy resends a request whose
+ingress replica died before answering (``RAY_SERVE_HAPROXY_RETRY_ON`` in
+``configs/serve.env``). A killed JobWorker's job is claimed again when its lease expires
+(3 s here) and only its unfinished items run.
+
+Asserted: zero failed predictions, the job succeeds with every item exactly once. The
+recovery times are printed (``-s``), not asserted, apart from a generous bound that
+catches a stall (a 10x regression), not a slow machine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from tests.integration.conftest import APP_NAME, ServeApp
+
+pytestmark = [pytest.mark.integration]
+
+CLIENT_THREADS = 6
+PAUSE_S = 0.01  # between one client's requests: steady, well below capacity
+JOB_ITEMS = 20_000
+STALL_BOUND_S = 30.0  # a generous bound: a healthy recovery takes a few seconds
+
+
+@dataclass
+class Load:
+    """Steady single predictions from a thread pool, every outcome recorded."""
+
+    base_url: str
+    headers: dict[str, str]
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: list[tuple[float, int]] = field(default_factory=list)  # (end time, status)
+    failures: list[str] = field(default_factory=list)
+    phase: str = "warm-up"  # the last fault injected, to tell which one a failure follows
+
+    def client(self, seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(base_url=self.base_url, headers=self.headers, timeout=30) as client:
+            while not self.stop.is_set():
+                body = {"entity_id": f"E{rng.randrange(100_000):07d}"}
+                try:
+                    response = client.post("/v1/predict", json=body)
+                    status = response.status_code
+                    if status != 200:
+                        self.failures.append(f"after {self.phase}: {status} {response.text[:200]}")
+                except httpx.HTTPError as exc:
+                    status = 0
+                    self.failures.append(f"after {self.phase}: {exc!r}")
+                self.done.append((time.monotonic(), status))
+                time.sleep(PAUSE_S)
+
+    def rate(self, start: float, end: float) -> float:
+        return sum(1 for t, s in list(self.done) if start <= t < end and s == 200) / (end - start)
+
+
+@contextmanager
+def steady_load(app: ServeApp) -> Iterator[Load]:
+    load = Load(app.base_url, app.auth)
+    with ThreadPoolExecutor(CLIENT_THREADS) as pool:
+        futures = [pool.submit(load.client, seed) for seed in range(CLIENT_THREADS)]
+        try:
+            yield load
+        finally:
+            load.stop.set()
+            for future in futures:
+                future.result()
+
+
+def replica_pids(deployment: str) -> list[int]:
+    """PIDs of the live replicas of ``deployment``, from the GCS actor table.
+
+    ``ray.util.state`` would need the dashboard, which the tests do not start.
+    """
+    from ray._private import state
+
+    wanted = f"ServeReplica:{APP_NAME}:{deployment}"
+    return [
+        int(actor["Pid"])
+        for actor in state.actors().values()
+        if actor["ActorClassName"] == wanted and actor["State"] == "ALIVE" and actor["Pid"]
+    ]
+
+
+def running_replicas(deployment: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications[APP_NAME]
+    return app.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def recover_after_kill(load: Load, deployment: str, baseline: float) -> dict[str, float]:
+    """SIGKILL one replica of ``deployment``; seconds until it is replaced and until the
+    goodput is back to 90 % of ``baseline`` (1 s windows, for 2 s in a row)."""
+    want = running_replicas(deployment)
+    pid = replica_pids(deployment)[0]
+    load.phase = f"SIGKILL {deployment}"
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    replaced = throughput_back = None
+    while time.monotonic() - killed < STALL_BOUND_S:
+        time.sleep(0.25)
+        now = time.monotonic()
+        if replaced is None and _replaced(deployment, pid, want):
+            replaced = now - killed
+        if throughput_back is None:
+            for start in _windows(killed, now - 2.0):
+                if all(load.rate(s, s + 1) >= 0.9 * baseline for s in (start, start + 1)):
+                    throughput_back = start - killed
+                    break
+        if replaced is not None and throughput_back is not None and now - killed > 3:
+            break
+    assert replaced is not None, f"{deployment} replica not replaced in {STALL_BOUND_S}s"
+    assert throughput_back is not None, f"throughput not back in {STALL_BOUND_S}s"
+    worst_gap = _worst_gap(load, killed, time.monotonic())
+    return {"replaced_s": replaced, "throughput_back_s": throughput_back, "worst_gap_s": worst_gap}
+
+
+def _replaced(deployment: str, killed_pid: int, want: int) -> bool:
+    pids = replica_pids(deployment)
+    return killed_pid not in pids and len(pids) >= want and running_replicas(deployment) >= want
+
+
+def _windows(start: float, end: float) -> Iterator[float]:
+    t = start
+    while t <= end:
+        yield t
+        t += 0.25
+
+
+def _worst_gap(load: Load, start: float, end: float) -> float:
+    """Longest time without any successful answer: the stall clients saw."""
+    times = sorted(t for t, s in list(load.done) if start <= t < end and s == 200)
+    edges = [start, *times, end]
+    return max(b - a for a, b in itertools.pairwise(edges))
+
+
+def job_progress(app: ServeApp, job_id: str) -> dict:
+    response = app.client.get(f"/v1/jobs/{job_id}", params={"limit": 1})
+    response.raise_for_status()
+    return response.json()
+
+
+def kill_job_worker_mid_job(app: ServeApp, job_id: str) -> dict[str, float]:
+    deadline = time.monotonic() + 60
+    while job_progress(app, job_id)["progress"]["done"] < JOB_ITEMS // 10:
+        assert time.monotonic() < deadline, "job made no progress"
+        time.sleep(0.05)
+    before = job_progress(app, job_id)["progress"]["done"]
+    assert before < JOB_ITEMS, "the job finished before the kill: make it bigger"
+    killed = time.monotonic()
+    for pid in replica_pids("JobWorker"):
+        os.kill(pid, signal.SIGKILL)
+    resumed = None
+    while time.monotonic() - killed < STALL_BOUND_S:
+        if job_progress(app, job_id)["progress"]["done"] > before + 500:
+            resumed = time.monotonic() - killed
+            break
+        time.sleep(0.1)
+    assert resumed is not None, f"the job did not resume within {STALL_BOUND_S}s"
+    return {"done_at_kill": before, "resumed_s": resumed}
+
+
+def all_results(app: ServeApp, job_id: str) -> list[dict]:
+    results, offset = [], 0
+    while offset is not None:
+        page = app.client.get(f"/v1/jobs/{job_id}", params={"offset": offset, "limit": 1000})
+        page.raise_for_status()
+        body = page.json()
+        results.extend(body["results"])
+        offset = body["next_offset"]
+    return results
+
+
+def test_killing_any_one_replica_fails_no_prediction_and_loses_no_job_item(
+    serve_app: ServeApp,
+) -> None:
+    items = [
+        {"entity_id": f"E{i % 100_000:07d}", "context": {"amount": i}} for i in range(JOB_ITEMS)
+    ]
+    created = serve_app.client.post("/v1/jobs", json={"items": items}, timeout=60)
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+
+    report: dict[str, dict[str, float]] = {}
+    with steady_load(serve_app) as load:
+        time.sleep(4)  # warm: a baseline rate before the first kill
+        now = time.monotonic()
+        baseline = load.rate(now - 3, now)
+        assert baseline > 0, load.failures[:5]
+        report["JobWorker"] = kill_job_worker_mid_job(serve_app, job_id)
+        for deployment in ("Model", "FeatureFetcher", "Ingress"):
+            now = time.monotonic()
+            baseline = load.rate(now - 3, now)
+            report[deployment] = recover_after_kill(load, deployment, baseline)
+            report[deployment]["baseline_req_s"] = baseline
+        time.sleep(1)
+    print(f"\nchaos: {len(load.done)} predictions, {len(load.failures)} failed")
+    for deployment, figures in report.items():
+        print(f"  SIGKILL {deployment:15} " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
+
+    assert load.failures == [], load.failures[:10]
+
+    deadline = time.monotonic() + 120
+    while (job := job_progress(serve_app, job_id))["state"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["state"] == "succeeded", job
+    assert job["progress"] == {"done": JOB_ITEMS, "total": JOB_ITEMS, "failed": 0}
+    indexes = [result["index"] for result in all_results(serve_app, job_id)]
+    assert sorted(indexes) == list(range(JOB_ITEMS))  # every item exactly once

@@ -1,0 +1,252 @@
+"""Admission by measured queueing delay: what is admitted, what is refused, Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import ExitStack, suppress
+
+import pytest
+
+from serve_app.api import admission as admission_module
+from serve_app.api.admission import MAX_RETRY_AFTER_S, Admission
+from serve_app.api.errors import error_response
+from serve_app.errors import Overloaded
+
+
+@pytest.fixture(autouse=True)
+def no_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The arithmetic below is easier to follow without the in-flight floor; one test
+    puts it back."""
+    monkeypatch.setattr(admission_module, "MIN_INFLIGHT", 1)
+
+
+def test_nothing_is_refused_below_the_in_flight_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admission_module, "MIN_INFLIGHT", 16)
+    clock = FakeClock()
+    admission = Admission(0.001, clock=clock, monitor_loop=False)
+    drain_at(admission, clock, rate=10)
+    with ExitStack() as stack:
+        fill(admission, stack, 16)  # each waits 100 ms and more, but fits in one list
+        with pytest.raises(Overloaded):
+            fill(admission, stack, 1)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def drain_at(admission: Admission, clock: FakeClock, rate: float, seconds: float = 1.0) -> None:
+    """Serve requests one after another at ``rate`` per second: the replica is busy all along."""
+    for _ in range(int(rate * seconds)):
+        with admission.admit():
+            clock.advance(1 / rate)
+
+
+def fill(admission: Admission, stack: ExitStack, n: int) -> None:
+    for _ in range(n):
+        stack.enter_context(admission.admit())
+
+
+def test_idle_replica_admits_and_has_no_rate_yet() -> None:
+    clock = FakeClock()
+    admission = Admission(0.05, clock=clock, monitor_loop=False)
+    with admission.admit():
+        pass
+    assert admission.rate is None
+    assert admission.queue_delay_s() == 0
+
+
+def test_drain_rate_is_measured_over_busy_time_only() -> None:
+    clock = FakeClock()
+    admission = Admission(0.05, clock=clock, monitor_loop=False)
+    drain_at(admission, clock, rate=500)
+    # Long idle gaps between requests must not lower the measured rate.
+    for _ in range(20):
+        clock.advance(0.5)
+        with admission.admit():
+            clock.advance(1 / 500)
+    assert admission.rate == pytest.approx(500, rel=0.05)
+
+
+def test_refuses_once_backlog_over_rate_exceeds_the_limit() -> None:
+    clock = FakeClock()
+    admission = Admission(0.05, clock=clock, monitor_loop=False)  # 50 ms
+    drain_at(admission, clock, rate=1000)  # 1 ms per request: 50 fit in 50 ms
+    with ExitStack() as stack:
+        fill(admission, stack, 50)
+        assert admission.queue_delay_s() == pytest.approx(0.05, rel=0.05)
+        with pytest.raises(Overloaded) as refused:
+            fill(admission, stack, 5)
+    assert admission.inflight == 0
+    assert admission.refused == 1
+    assert refused.value.details["queue_delay_ms"] >= 50
+    assert refused.value.retry_after_s >= 1
+
+
+def test_a_slower_service_admits_fewer() -> None:
+    """The same limit admits 10x fewer requests when the service drains 10x slower:
+    what a fixed in-flight count cannot do."""
+    admitted = {}
+    for rate in (1000, 100):
+        clock = FakeClock()
+        admission = Admission(0.05, clock=clock, monitor_loop=False)
+        drain_at(admission, clock, rate=rate)
+        with ExitStack() as stack:
+            with suppress(Overloaded):
+                fill(admission, stack, 1000)
+            admitted[rate] = admission.inflight
+    assert admitted[1000] == pytest.approx(51, abs=2)
+    assert admitted[100] == pytest.approx(6, abs=1)
+
+
+def test_retry_after_grows_with_the_refused_backlog() -> None:
+    clock = FakeClock()
+    admission = Admission(0.05, clock=clock, monitor_loop=False)
+    drain_at(admission, clock, rate=100)  # 10 ms each: the service time
+    seen = []
+    with ExitStack() as stack:
+        fill(admission, stack, 6)  # the 7th would wait 6 / 100 per s - 10 ms = 50 ms
+        for _ in range(400):  # 4x what the replica drains in a second
+            with pytest.raises(Overloaded) as refused:
+                fill(admission, stack, 1)
+            seen.append(refused.value.retry_after_s)
+    assert seen[0] == 1
+    assert seen[-1] == 5  # (6 in flight + 400 refused, coming back) / 100 per s
+    assert seen == sorted(seen)
+    clock.advance(2)  # a second later the refusals no longer count
+    assert admission.retry_after_s() == 1
+
+
+def test_retry_after_is_capped() -> None:
+    clock = FakeClock()
+    admission = Admission(0.001, clock=clock, monitor_loop=False)
+    drain_at(admission, clock, rate=10)
+    with ExitStack() as stack:
+        fill(admission, stack, 1)
+        for _ in range(2000):
+            with pytest.raises(Overloaded):
+                fill(admission, stack, 1)
+    assert admission.retry_after_s() == MAX_RETRY_AFTER_S
+
+
+def test_in_flight_backstop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admission_module, "MIN_INFLIGHT", 16)  # the backstop comes first
+    clock = FakeClock()
+    admission = Admission(10.0, max_inflight=3, clock=clock, monitor_loop=False)
+    with ExitStack() as stack:
+        fill(admission, stack, 3)
+        with pytest.raises(Overloaded):
+            fill(admission, stack, 1)
+    with admission.admit():
+        assert admission.inflight == 1
+
+
+def test_refusal_answers_503_with_the_measured_retry_after() -> None:
+    clock = FakeClock()
+    admission = Admission(0.01, clock=clock, monitor_loop=False)
+    drain_at(admission, clock, rate=10)
+    with ExitStack() as stack:
+        fill(admission, stack, 2)
+        for _ in range(30):
+            with pytest.raises(Overloaded) as refused:
+                fill(admission, stack, 1)
+    response = error_response(refused.value, "req-1")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "4"  # (2 + 30) / 10 per s, rounded up
+    assert b'"code":"overloaded"' in response.body
+
+
+def test_service_time_is_not_counted_as_waiting() -> None:
+    """A slow service admitting one request at a time must not refuse the next because
+    of that request's own service time (that was a lock-out: nothing admitted, ever)."""
+    clock = FakeClock()
+    admission = Admission(0.05, clock=clock, monitor_loop=False)
+    drain_at(admission, clock, rate=4)  # 250 ms per request, far above the 50 ms limit
+    assert admission.service_s == pytest.approx(0.25)
+    with admission.admit(), admission.admit():
+        assert admission.queue_delay_s() == pytest.approx(0.25)  # one ahead: 250 ms
+    with admission.admit():
+        assert admission.queue_delay_s() == pytest.approx(0, abs=1e-9)
+
+
+def test_event_loop_lag_is_measured_but_does_not_refuse() -> None:
+    """Under a storm of refusals the loop lags because it is answering them: refusing
+    more for that reason would lock everyone out."""
+
+    async def scenario() -> tuple[float, bool]:
+        admission = Admission(0.05)
+        with admission.admit():  # starts the lag monitor
+            await asyncio.sleep(0.05)
+            for _ in range(3):
+                time.sleep(0.12)  # the loop is blocked, as by a CPU-bound replica
+                await asyncio.sleep(0)  # one turn: the overdue lag timer fires
+            lag = admission.loop_lag_s
+            try:
+                with admission.admit():
+                    refused = False
+            except Overloaded:
+                refused = True
+        admission.close()
+        return lag, refused
+
+    lag, refused = asyncio.run(scenario())
+    assert lag > 0.05
+    assert not refused
+
+
+def test_middleware_refuses_before_the_app_runs_and_leaves_other_routes_alone() -> None:
+    """The 503 comes from the middleware (the app never runs for it), with the usual
+    error body, the request's id and the measured Retry-After."""
+    from types import SimpleNamespace
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from serve_app.api.admission import SCOPE_KEY, AdmissionMiddleware
+
+    release = asyncio.Event()
+    ran: list[bool] = []
+
+    async def predict(request: Request) -> JSONResponse:
+        ran.append(bool(request.scope.get(SCOPE_KEY)))
+        await release.wait()
+        return JSONResponse({"score": 0.5})
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    app = Starlette(
+        routes=[Route("/v1/predict", predict, methods=["POST"]), Route("/healthz", health)]
+    )
+    app.add_middleware(AdmissionMiddleware)
+    app.state.api_context = SimpleNamespace(admission=Admission(10.0, max_inflight=1))
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            first = asyncio.create_task(client.post("/v1/predict", json={}))
+            while not ran:
+                await asyncio.sleep(0.001)
+            refused = await client.post("/v1/predict", json={}, headers={"X-Request-ID": "r-1"})
+            health = await client.get("/healthz")
+            release.set()
+            return await first, refused, health
+
+    first, refused, health = asyncio.run(scenario())
+    assert first.status_code == 200 and health.status_code == 200
+    assert ran == [True]  # admitted by the middleware; the refused one never ran
+    assert refused.status_code == 503
+    assert refused.headers["Retry-After"] == "1"
+    assert refused.json()["error"]["code"] == "overloaded"
+    assert refused.json()["request_id"] == "r-1"

@@ -1,0 +1,57 @@
+"""Job creation away from the event loop: large bodies in a worker process, small ones in
+a thread; errors come back whole either way."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+
+from serve_app.api.job_input import IN_PROCESS_MAX_BYTES, JobCreator
+from serve_app.config import JobsConfig
+from serve_app.errors import InvalidInput, TooManyRequests
+from serve_app.jobs.sqlite import SQLiteJobQueue
+from serve_app.jobs.webhooks import CallbackRefused
+
+
+def body(n: int, **extra: object) -> bytes:
+    bad = {"entity_id": "E0000001", "context": {"amount": -1, "channel": "x" * 40}}
+    return json.dumps({"items": [bad] * (n - 1) + [{"entity_id": "E0000002"}], **extra}).encode()
+
+
+def test_errors_survive_pickling_with_their_details() -> None:
+    error = CallbackRefused("nope", "refused_address", detail_type="callback_host_not_allowed")
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is CallbackRefused and again.status_code == 422
+    assert again.to_dict() == error.to_dict()
+
+
+def test_large_bodies_are_created_in_a_worker_process(tmp_path: Path) -> None:
+    jobs = JobsConfig(queue_url=f"sqlite:///{tmp_path / 'jobs.db'}", max_queued_items_per_key=3)
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    creator = JobCreator(jobs, queue, webhooks_configured=True)
+    large = body(20_000)
+    assert len(large) > IN_PROCESS_MAX_BYTES
+
+    async def scenario() -> None:
+        job, created = await creator.create(large, "alice", "k1")
+        assert created and (job.total, job.failed) == (20_000, 19_999)
+        assert creator._pool is not None  # it went through the process pool
+        again, created = await creator.create(large, "alice", "k1")
+        assert again.id == job.id and not created
+        with pytest.raises(InvalidInput) as caught:  # raised in the worker, whole here
+            await creator.create(body(20_000, callback_url="http://10.0.0.1/x"), "alice", None)
+        assert caught.value.details == [{"type": "callback_host_not_allowed"}]
+        small = json.dumps({"items": [{"entity_id": "E1"}] * 3}).encode()
+        await creator.create(small, "bob", None)  # a thread: 3 items queued for bob
+        with pytest.raises(TooManyRequests):
+            await creator.create(small, "bob", None)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        creator.close()
+    assert queue.owner_backlog("alice") == 1

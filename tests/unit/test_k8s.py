@@ -1,0 +1,100 @@
+"""The KubeRay manifest: no drift from configs/cluster.yaml, and valid pod templates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from serve_app.offline.cli import main
+from serve_app.offline.k8s import THROUGHPUT_ENV, ManifestOptions, peak_cpus, render_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "configs" / "cluster.yaml"
+K8S_VERSION = "1.30.0"
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("k8s") / "rayservice.yaml"
+    assert main(["k8s", "--config", str(CLUSTER), "--out", str(out), "--workers", "3"]) == 0
+    return yaml.safe_load(out.read_text())
+
+
+def _containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = manifest["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]]
+    templates += [group["template"] for group in cluster["workerGroupSpecs"]]
+    return [c for template in templates for c in template["spec"]["containers"]]
+
+
+def test_serve_config_is_exactly_cluster_yaml(manifest: dict[str, Any]) -> None:
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    cluster = yaml.safe_load(CLUSTER.read_text())
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert serve_config["applications"] == cluster["applications"]
+    assert serve_config == cluster
+
+
+def test_cpu_requests_match_the_deployments(manifest: dict[str, Any]) -> None:
+    cluster = yaml.safe_load(CLUSTER.read_text())
+    deployments = cluster["applications"][0]["deployments"]
+    peak = sum(
+        d["ray_actor_options"]["num_cpus"] * d["autoscaling_config"]["max_replicas"]
+        for d in deployments
+    )
+    assert peak_cpus(cluster) == peak
+    spec = manifest["spec"]["rayClusterConfig"]
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replicas there
+    (group,) = spec["workerGroupSpecs"]
+    cpus = float(group["rayStartParams"]["num-cpus"])
+    (worker,) = group["template"]["spec"]["containers"]
+    assert float(worker["resources"]["requests"]["cpu"]) == cpus  # Ray sees what k8s gives
+    # the peak still fits after losing one of the worker pods
+    assert cpus * (group["replicas"] - 1) >= peak
+    assert cpus * (group["replicas"] - 2) < peak  # and not grossly more
+
+
+def test_every_ray_container_has_throughput_mode_and_secrets(manifest: dict[str, Any]) -> None:
+    raw = CLUSTER.read_text()
+    for container in _containers(manifest):
+        env = {e["name"]: e for e in container["env"]}
+        for name, value in THROUGHPUT_ENV.items():
+            assert env[name]["value"] == value
+        for name in ("SERVE_APP_REDIS_URL", "SERVE_APP_POSTGRES_URL", "SERVE_APP_API_KEYS"):
+            assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "serve-app", "key": name}
+            assert "${" + name + "}" in raw or name == "SERVE_APP_API_KEYS"
+
+
+def test_pod_templates_are_valid_kubernetes(manifest: dict[str, Any]) -> None:
+    cluster = manifest["spec"]["rayClusterConfig"]
+    templates = {"head": cluster["headGroupSpec"]["template"]}
+    templates.update({g["groupName"]: g["template"] for g in cluster["workerGroupSpecs"]})
+    for name, template in templates.items():
+        pod_template = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": f"serve-app-{name}"},
+            "template": template,
+        }
+        kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
+
+
+def test_an_invalid_template_is_caught() -> None:
+    """The validation above can fail: a misspelt field is refused."""
+    broken = {
+        "apiVersion": "v1",
+        "kind": "PodTemplate",
+        "metadata": {"name": "x"},
+        "template": {"spec": {"containers": [{"name": "c", "image": "i", "resourcez": {}}]}},
+    }
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_no_secret_value_is_written() -> None:
+    text = render_manifest(CLUSTER, ManifestOptions())
+    assert "password" not in text.lower() and "whsec_" not in text

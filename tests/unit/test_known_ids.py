@@ -1,0 +1,56 @@
+"""The known-id set: exact membership, loading from a real SQLite store, outage behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from serve_app.known_ids import KnownIds, can_list_ids, load_ids, refresh
+from serve_app.scoring.scorer import _lookup_error
+from serve_app.stores.base import FeatureLookup
+
+
+def make_store(path: Path, ids: list[str]) -> str:
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE entities (entity_id TEXT PRIMARY KEY, x REAL)")
+        db.executemany("INSERT INTO entities VALUES (?, 1.0)", [(i,) for i in ids])
+    return f"sqlite:///{path}"
+
+
+def test_membership_is_exact() -> None:
+    known = KnownIds()
+    assert known.unknown(["E1"]) is None  # nothing loaded: cannot tell
+    known.replace(f"E{i:07d}" for i in range(100_000))
+    assert known.size == 100_000
+    assert known.nbytes == 800_000
+    probe = ["E0000000", "E0099999", "E0100000", "NOPE999", "", "E00000000", "E000000"]
+    assert known.unknown(probe) == {"E0100000", "NOPE999", "", "E00000000", "E000000"}
+    assert known.unknown([]) == set()
+
+
+def test_empty_set_knows_nothing() -> None:
+    known = KnownIds()
+    known.replace([])
+    assert known.unknown(["E1", "E2"]) == {"E1", "E2"}
+
+
+def test_loads_from_sqlite_and_keeps_the_last_set_when_the_store_is_gone(tmp_path: Path) -> None:
+    path = tmp_path / "features.db"
+    url = make_store(path, ["A1", "B2", "C3"])
+    assert can_list_ids(url)
+    assert not can_list_ids("http://feature-api.internal")
+    assert sorted(asyncio.run(load_ids(url))) == ["A1", "B2", "C3"]
+    known = KnownIds()
+    assert asyncio.run(refresh(known, url))
+    path.unlink()  # the outage
+    assert not asyncio.run(refresh(known, url))
+    assert known.size == 3
+    assert known.unknown(["A1", "NOPE999"]) == {"NOPE999"}
+
+
+def test_degraded_lookup_gives_404_for_unknown_ids_and_scores_the_rest() -> None:
+    lookup = FeatureLookup(status="degraded", reason="down", unknown=frozenset({"NOPE999"}))
+    error = _lookup_error({"entity_id": "NOPE999"}, lookup)
+    assert error is not None and error["error"]["code"] == "unknown_entity"
+    assert _lookup_error({"entity_id": "E0000001"}, lookup) is None

@@ -1,0 +1,32 @@
+"""Per-key caps on job creation: 429 for one key's excess, 503 for the replica's."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_app.api.quotas import CreationSlots, check_backlog
+from serve_app.errors import Overloaded, TooManyRequests
+
+
+def test_one_key_may_hold_a_few_creation_slots_and_all_keys_a_few_more() -> None:
+    slots = CreationSlots(per_owner=2, total=3)
+    slots.acquire("alice")
+    slots.acquire("alice")
+    with pytest.raises(TooManyRequests) as caught:
+        slots.acquire("alice")
+    assert caught.value.status_code == 429 and caught.value.retry_after_s > 0
+    slots.acquire("bob")
+    with pytest.raises(Overloaded):  # the replica's total, whoever asks
+        slots.acquire("carol")
+    slots.release("alice")
+    slots.acquire("carol")
+    for owner in ("alice", "bob", "carol"):
+        slots.release(owner)
+    slots.acquire("alice")  # all released: nothing leaked
+
+
+def test_queued_items_per_key_are_capped() -> None:
+    check_backlog(backlog=250_000, new_items=50_000, limit=300_000)
+    with pytest.raises(TooManyRequests) as caught:
+        check_backlog(backlog=250_001, new_items=50_000, limit=300_000)
+    assert caught.value.details[0]["type"] == "too_many_queued_items"
