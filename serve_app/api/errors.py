@@ -61,7 +61,9 @@ def install_error_handlers(app: FastAPI) -> None:
         error.code = {404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )
-        return error_response(error, request_id_of(request))
+        response = error_response(error, request_id_of(request))
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

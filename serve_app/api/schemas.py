@@ -20,8 +20,8 @@ EntityId = Annotated[
 class RequestContext(StrictModel):
     """Request-time features sent by the caller; each optional (missing is allowed)."""
 
-    amount: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)] | None = None
-    hour: Annotated[int, Field(ge=0, le=23)] | None = None
+    amount: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False, strict=True)] | None = None
+    hour: Annotated[int, Field(ge=0, le=23, strict=True)] | None = None
     channel: Literal["web", "app", "store"] | None = None
 
 

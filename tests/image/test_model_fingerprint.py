@@ -35,3 +35,17 @@ def test_example_model_fingerprint(tmp_path: Path) -> None:
     got = {"version": metadata["version"], "sha256": metadata["sha256"]}
     want = {"version": expected["version"], "sha256": expected["sha256"]}
     assert got == want, f"{HOW_TO_RERECORD}\nexpected {want}\ngot      {got}"
+
+
+@pytest.mark.parametrize("config", ["docker.yaml", "cluster.yaml"])
+def test_image_configs_pin_the_recorded_model(config: str) -> None:
+    """The image's configs refuse an unpinned model, so their pin must be the built one."""
+    import yaml
+
+    expected = json.loads(EXPECTED.read_text())["sha256"]
+    document = yaml.safe_load((HERE.parents[1] / "configs" / config).read_text())
+    pinned = document["applications"][0]["args"]["artifacts"].get("sha256")
+    assert pinned == expected, (
+        f"configs/{config} pins {pinned}, the recorded example model is {expected}: "
+        "re-pin after re-recording"
+    )

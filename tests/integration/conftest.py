@@ -40,7 +40,6 @@ OTHER_KEY = "other-" + secrets.token_urlsafe(24)
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-
 def serve_env_file(path: Path = ROOT / "configs" / "serve.env") -> dict[str, str]:
     """configs/serve.env: what the README's run command sources before `serve run`."""
     env = {}
@@ -142,25 +141,41 @@ class ServeApp:
         """The app's validated ``args``: every setting, defaults included."""
         return AppConfig.model_validate(self.config["applications"][0].get("args") or {})
 
-    def wait_for_replicas(self, deployment: str, count: int, timeout_s: float = 120) -> None:
-        """Wait until ``deployment`` has exactly ``count`` RUNNING replicas (and no others
-        starting or stopping), e.g. after an earlier test made it scale out."""
+    def stable_replicas(self, deployment: str, timeout_s: float = 120) -> int:
+        """The number of RUNNING replicas of ``deployment`` once none is starting or stopping."""
         from ray import serve
 
         deadline = time.monotonic() + timeout_s
         while True:
             app = serve.status().applications.get(APP_NAME)
             states = app.deployments[deployment].replica_states if app else {}
-            if states.get("RUNNING", 0) == count == sum(states.values()):
-                return
+            running = states.get("RUNNING", 0)
+            if running and running == sum(states.values()):
+                return running
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{deployment}: {states}, not {count} RUNNING replicas")
+                raise TimeoutError(f"{deployment}: {states}, never only RUNNING replicas")
             time.sleep(0.5)
 
     def stats(self) -> dict[str, Any]:
         response = self.client.get("/v1/stats")
         response.raise_for_status()
         return response.json()
+
+    def model_stats_by_replica(self, tries: int = 200) -> dict[str, dict[str, Any]]:
+        """/v1/stats of every running Model replica, by replica id.
+
+        Each /v1/stats call is answered by one Model replica (Serve routes it), so ask until
+        every replica has answered. Counters then add up across replicas, whatever the
+        replica count the config asks for.
+        """
+        count = self.stable_replicas("Model")
+        seen: dict[str, dict[str, Any]] = {}
+        for _ in range(tries):
+            model = self.stats()["model"]
+            seen[model["replica"]] = model
+            if len(seen) == count:
+                return seen
+        raise AssertionError(f"{count} Model replicas running, {len(seen)} answered /v1/stats")
 
     def redeploy(self, mutate: Any) -> None:
         config = copy.deepcopy(self.config)
