@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import locust.stats
 import numpy as np
 from locust import FastHttpUser, constant_throughput, task
 
@@ -27,6 +28,9 @@ N_ENTITIES = int(os.environ.get("N_ENTITIES", "100000"))
 BATCH_SIZE = int(os.environ.get("BATCH_SIZE", "32"))
 JOB_SIZE = int(os.environ.get("JOB_SIZE", "200"))
 ZIPF_A = float(os.environ.get("ZIPF_A", "1.1"))
+# The stats history (--csv) reaches the file every second, not every 5 s: the load-test
+# runner reads it while locust runs to show progress (loadtests/progress.py).
+locust.stats.CSV_STATS_FLUSH_INTERVAL_SEC = 1
 WEIGHTS = dict(
     (name, int(weight))
     for name, weight in (

@@ -6,8 +6,10 @@
 
 It starts the application from ``configs/loadtest.yaml`` on a local Ray (or targets a
 running one), runs locust headless as a subprocess with a load shape, samples the
-replica count of every deployment each second, and writes ``timeline.csv``,
-``autoscaling.png`` and ``summary.md`` into ``--out``. It exits non-zero when any request
+replica count of every deployment each second, shows progress on stderr (a tqdm bar on
+a terminal, and a line per stage of the shape: elapsed/total seconds, users, req/s,
+failures so far, replicas), and writes ``timeline.csv``, ``autoscaling.png`` and
+``summary.md`` into ``--out``. It exits non-zero when any request
 failed, or when no deployment scaled up under load, or one that did failed to scale back
 down after it. The run is bounded: the shape ends by itself and locust is killed at a
 hard deadline.
@@ -44,7 +46,8 @@ from loadtests.harness import (
     serve_config,
     serve_environment,
 )
-from loadtests.stages import total_duration
+from loadtests.progress import LoadProgress
+from loadtests.stages import SHAPES, scaled, total_duration
 
 FAST_METRICS_ENV = {
     # replicas and handles report load every 0.5 s instead of 10 s: scaling within seconds
@@ -72,6 +75,11 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
 
+    def latest(self) -> dict[str, int] | None:
+        """The newest replica counts (for the progress display), if any were sampled."""
+        rows = self.rows
+        return rows[-1][1] if rows else None
+
 
 @contextlib.contextmanager
 def attached_ray() -> Iterator[None]:
@@ -85,7 +93,14 @@ def attached_ray() -> Iterator[None]:
         ray.shutdown()
 
 
-def run_locust(url: str, out: Path, args: argparse.Namespace, api_key: str) -> int:
+def run_locust(
+    url: str, out: Path, args: argparse.Namespace, api_key: str, sampler: Sampler | None = None
+) -> int:
+    """Locust headless in a subprocess, bounded by a hard deadline; its exit code.
+
+    While it runs, progress goes to stderr (:mod:`loadtests.progress`): elapsed/total
+    seconds, users, requests/s, failures so far and the sampled replica counts.
+    """
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -111,15 +126,32 @@ def run_locust(url: str, out: Path, args: argparse.Namespace, api_key: str) -> i
         "--loglevel",
         "WARNING",
     ]
+    stages = scaled(SHAPES[args.shape], args.scale)
     with (out / "locust.log").open("w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        progress = LoadProgress(stages, out / "locust_stats_history.csv")
+        hard_deadline = time.monotonic() + deadline
+        code: int | None = None
         try:
-            return process.wait(timeout=deadline)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            print(f"locust killed at the hard deadline ({deadline:.0f}s)", file=sys.stderr)
-            return -9
+            while code is None:
+                try:
+                    code = process.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= hard_deadline:
+                        process.kill()
+                        process.wait()
+                        code = -9
+                    else:
+                        progress.tick(replicas=sampler.latest() if sampler else None)
+        finally:
+            if process.poll() is None:  # interrupted (Ctrl-C): never leave locust behind
+                process.kill()
+                process.wait()
+            progress.close(replicas=sampler.latest() if sampler else None)
+    assert code is not None
+    if code == -9:
+        print(f"locust killed at the hard deadline ({deadline:.0f}s)", file=sys.stderr)
+    return code
 
 
 def read_history(out: Path) -> list[dict[str, Any]]:
@@ -316,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3)  # a few samples at rest
             load_start = time.monotonic() - sampler.started
             wall_start = time.time()
-            code = run_locust(url, out, args, api_key)
+            code = run_locust(url, out, args, api_key, sampler)
             load_end = time.monotonic() - sampler.started
             time.sleep(args.settle_s)
             sampler.stop()

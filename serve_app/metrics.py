@@ -12,8 +12,9 @@ Each deployment creates only the metrics it records, once, in its constructor.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
@@ -87,10 +88,17 @@ SPECS: dict[str, MetricSpec] = {
     ),
     # JobWorker
     "serve_app_job_queue_depth": MetricSpec("gauge", "Jobs queued or running."),
+    "serve_app_job_queue_oldest_age_seconds": MetricSpec(
+        "gauge", "Age of the oldest job waiting for its first claim (0 when none is queued)."
+    ),
     "serve_app_job_queue_wait_seconds": MetricSpec(
         "histogram", "From submission to a worker's first claim of the job.", (), _JOB_SECONDS
     ),
-    "serve_app_job_items_total": MetricSpec("counter", "Job items scored (job progress)."),
+    "serve_app_job_items_total": MetricSpec(
+        "counter",
+        "Job items scored by the workers, by outcome (succeeded|failed): job progress.",
+        ("outcome",),
+    ),
     "serve_app_jobs_finished_total": MetricSpec("counter", "Jobs finished by state.", ("state",)),
     "serve_app_job_duration_seconds": MetricSpec(
         "histogram", "From submission to finish.", (), _JOB_SECONDS
@@ -167,11 +175,29 @@ class FetcherMetrics:
         self.lookup_seconds = _make("serve_app_feature_lookup_seconds")
 
 
+def item_outcomes(results: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Stored job results counted by outcome, as the queue counts ``failed`` (an error)."""
+    failed = succeeded = 0
+    for result in results:
+        if "error" in result:
+            failed += 1
+        else:
+            succeeded += 1
+    return {"succeeded": succeeded, "failed": failed}
+
+
 class JobMetrics:
     def __init__(self) -> None:
         self.queue_depth = _make("serve_app_job_queue_depth")
+        self.oldest_queued_age = _make("serve_app_job_queue_oldest_age_seconds")
         self.queue_wait = _make("serve_app_job_queue_wait_seconds")
         self.items = _make("serve_app_job_items_total")
         self.jobs = _make("serve_app_jobs_finished_total")
         self.duration = _make("serve_app_job_duration_seconds")
         self.webhooks = _make("serve_app_webhook_attempts_total")
+
+    def record_items(self, results: Iterable[Mapping[str, Any]]) -> None:
+        """Job progress: a chunk's stored results by outcome (no zero increments)."""
+        for outcome, count in item_outcomes(results).items():
+            if count:
+                self.items.inc(count, tags={"outcome": outcome})

@@ -137,7 +137,7 @@ class JobWorker:
                 await asyncio.sleep(1.0)
 
     async def _housekeeping_loop(self) -> None:
-        """Refresh the queue depth (the autoscaling metric) and purge expired jobs.
+        """Refresh the queue gauges (depth: the autoscaling metric) and purge expired jobs.
 
         Separate from the claim loop, which blocks while every slot is busy: exactly when
         the depth matters most.
@@ -145,14 +145,20 @@ class JobWorker:
         last_purge = 0.0
         while True:
             try:
-                self._depth = await asyncio.to_thread(self._queue.depth)
-                self._metrics.queue_depth.set(self._depth)
+                await self._refresh_queue_gauges()
                 if time.monotonic() - last_purge > _PURGE_EVERY_S:
                     last_purge = time.monotonic()
                     await asyncio.to_thread(self._queue.purge_expired)
             except Exception:
                 logger.exception("housekeeping error")
             await asyncio.sleep(1.0)
+
+    async def _refresh_queue_gauges(self) -> None:
+        """The queue depth (also the autoscaling metric) and the oldest queued job's age."""
+        self._depth = await asyncio.to_thread(self._queue.depth)
+        self._metrics.queue_depth.set(self._depth)
+        age = await asyncio.to_thread(self._queue.oldest_queued_age)
+        self._metrics.oldest_queued_age.set(age)
 
     async def _handle(self, job: Job) -> None:
         try:
@@ -184,7 +190,7 @@ class JobWorker:
             if not kept:
                 logger.info("job %s: lease lost or job cancelled; stopping", job.id)
                 return
-            self._metrics.items.inc(len(results))
+            self._metrics.record_items(result for _, result in results)
         await self._finish(job, "succeeded", None)
 
     async def _score_chunk(self, items: list[Any]) -> Any:

@@ -33,7 +33,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from serve_app.errors import QueueBusy
 from serve_app.jobs.queue import IdempotencyConflict, Job
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MIGRATION_LOCK = 0x5E27E_A99  # pg_advisory_xact_lock key: one migrator at a time
 PURGE_BATCH = 500
 
@@ -81,7 +81,14 @@ CREATE TABLE IF NOT EXISTS job_results (
     PRIMARY KEY (job_id, idx)
 );
 """,
+    # The oldest queued job's age (a gauge, read every second): one index entry.
+    2: """
+CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (created_at) WHERE state = 'queued';
+""",
 }
+
+# The oldest job waiting for its first claim: min() over the partial index jobs_queued.
+OLDEST_QUEUED_SQL = "SELECT min(created_at) FROM jobs WHERE state = 'queued'"
 
 _JOB_COLUMNS = (
     "id, owner, state, total, done, failed, idempotency_key, body_hash, callback_url, "
@@ -252,6 +259,14 @@ class PostgresJobQueue:
                 "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')"
             ).fetchone()
         return int(row[0]) if row else 0
+
+    def oldest_queued_age(self, now: float | None = None) -> float:
+        """Seconds since the oldest queued (never claimed) job was created; 0.0 if none."""
+        with self._connect() as db:
+            row = db.execute(OLDEST_QUEUED_SQL).fetchone()
+        if row is None or row[0] is None:
+            return 0.0
+        return max(0.0, (time.time() if now is None else now) - row[0])
 
     # ---- worker side -------------------------------------------------------------------
 

@@ -100,6 +100,15 @@ class JobQueue(Protocol):
 
     def depth(self) -> int: ...
 
+    def oldest_queued_age(self, now: float | None = None) -> float:
+        """Seconds since the oldest job still waiting for its first claim was created
+        (``now`` defaults to the clock); 0.0 when no job is queued.
+
+        Reads one entry of an index that holds only queued jobs, whatever the number of
+        retained ones; running jobs (even with an expired lease) are not counted.
+        """
+        ...
+
     def claim(self, worker: str, lease_s: float) -> Job | None: ...
 
     def pending_items(self, job_id: str, limit: int) -> list[tuple[int, dict[str, Any]]]: ...

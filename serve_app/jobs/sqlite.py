@@ -11,11 +11,12 @@ Exactly-once results: ``job_results`` has the primary key (job_id, idx) and rows
 inserted with ``INSERT OR IGNORE`` only while the writer holds the lease, so an item
 recomputed after a crash cannot appear twice.
 
-Cost under the write lock: claims and the queue depth read partial indexes that hold only
-active jobs (and due webhooks), so an idle poll costs the same with 200,000 retained
-jobs as with none; purging deletes in bounded batches, one short transaction each. A
-database locked for longer than ``busy_timeout_s`` is :class:`~serve_app.errors.QueueBusy`
-(503 with ``Retry-After``), never an unhandled error.
+Cost under the write lock: claims, the queue depth and the oldest queued job's age read
+partial indexes that hold only active (or queued) jobs and due webhooks, so an idle poll
+costs the same with 200,000 retained jobs as with none; purging deletes in bounded
+batches, one short transaction each. A database locked for longer than ``busy_timeout_s``
+is :class:`~serve_app.errors.QueueBusy` (503 with ``Retry-After``), never an unhandled
+error.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (owner, idempotency_k
 DROP INDEX IF EXISTS jobs_claimable;
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (created_at)
     WHERE state IN ('queued', 'running');
+CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (created_at) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_owner_active ON jobs (owner)
     WHERE state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (webhook_next_at)
@@ -102,6 +104,8 @@ CLAIM_WEBHOOK_SQL = (
     "SELECT id FROM jobs WHERE webhook_state = 'pending' AND webhook_next_at <= ?"
     " AND lease_until < ? ORDER BY webhook_next_at LIMIT 1"
 )
+# The oldest job waiting for its first claim: one entry of the partial index jobs_queued.
+OLDEST_QUEUED_SQL = "SELECT MIN(created_at) FROM jobs WHERE state = 'queued'"
 PURGE_BATCH = 500
 _ERROR_REF = "#"  # a refused item's result points at its job's distinct error: "#3"
 
@@ -298,6 +302,14 @@ class SQLiteJobQueue:
                     "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
                 ).fetchone()[0]
             )
+
+    def oldest_queued_age(self, now: float | None = None) -> float:
+        """Seconds since the oldest queued (never claimed) job was created; 0.0 if none."""
+        with self._connect() as db:
+            oldest = db.execute(OLDEST_QUEUED_SQL).fetchone()[0]
+        if oldest is None:
+            return 0.0
+        return max(0.0, (time.time() if now is None else now) - oldest)
 
     # ---- worker side -------------------------------------------------------------------
 

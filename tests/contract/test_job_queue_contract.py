@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from serve_app.jobs import IdempotencyConflict, JobQueue, open_job_queue
@@ -295,3 +296,56 @@ def test_work_is_claimed_before_due_webhooks(queue: JobQueue) -> None:
     second = queue.claim("w3", 30)
     assert first is not None and first.id == work.id
     assert second is not None and second.id == done.id and second.finished
+
+
+def test_oldest_queued_age_counts_only_jobs_waiting_for_their_first_claim(
+    queue: JobQueue,
+) -> None:
+    assert queue.oldest_queued_age() == 0.0  # nothing queued: 0, not an error
+    first, _ = queue.create("o", ITEMS, {}, None, None, "h1")
+    second, _ = queue.create("o", ITEMS, {}, None, None, "h2")
+    now = second.created_at + 10
+    assert queue.oldest_queued_age(now) == pytest.approx(now - first.created_at)
+    assert 0.0 <= queue.oldest_queued_age() < 60  # the clock by default
+    claimed = queue.claim("w", 30)
+    assert claimed is not None and claimed.id == first.id
+    # a running job is not waiting in the queue: the next one is the oldest
+    assert queue.oldest_queued_age(now) == pytest.approx(now - second.created_at)
+    assert queue.oldest_queued_age(second.created_at - 5) == 0.0  # never negative
+    queue.cancel(second.id, "o", 60)
+    assert queue.oldest_queued_age(now) == 0.0
+    assert queue.save_results(first.id, "w", 30, [(i, {"score": 0.5}) for i in range(5)])
+    assert queue.finish(first.id, "w", "succeeded", None, 30, 60)
+    assert queue.oldest_queued_age(now) == 0.0 and queue.depth() == 0
+
+
+def test_postgres_oldest_queued_age_reads_its_partial_index(postgres_srv: PostgresServer) -> None:
+    """The gauge is read every second by every worker: one index entry, not a scan."""
+    from serve_app.jobs.postgres import OLDEST_QUEUED_SQL
+
+    queue = PostgresJobQueue(postgres_srv.create_database("oldest"))
+    try:
+        with queue._connect() as db, db.transaction():
+            db.execute("SET LOCAL enable_seqscan = off")  # a tiny table: ask what it can use
+            plan = " ".join(row[0] for row in db.execute(f"EXPLAIN {OLDEST_QUEUED_SQL}"))
+        assert "jobs_queued" in plan, plan
+    finally:
+        queue.close()
+
+
+def test_postgres_schema_1_is_migrated_to_the_queued_index(postgres_srv: PostgresServer) -> None:
+    url = postgres_srv.create_database("migrate")
+    PostgresJobQueue(url).close()
+    with psycopg.connect(url, autocommit=True) as db:  # as a version-1 database was
+        db.execute("DROP INDEX jobs_queued")
+        db.execute("DELETE FROM serve_app_schema WHERE version > 1")
+    migrated = PostgresJobQueue(url)
+    try:
+        with psycopg.connect(url, autocommit=True) as db:
+            versions = [v for (v,) in db.execute("SELECT version FROM serve_app_schema")]
+            indexes = {n for (n,) in db.execute("SELECT indexname FROM pg_indexes")}
+        assert sorted(versions) == [1, 2] and "jobs_queued" in indexes
+        job, _ = migrated.create("o", ITEMS, {}, None, None, "h")
+        assert migrated.oldest_queued_age(job.created_at + 3) == pytest.approx(3)
+    finally:
+        migrated.close()

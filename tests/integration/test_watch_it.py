@@ -306,8 +306,9 @@ EXPECTED: list[tuple[str, str, float]] = [
     ("serve_app_feature_lookups_total", 'sum({m}{{outcome="ok"}})', 1),
     ("serve_app_feature_lookup_seconds", "sum({m}_count)", 1),
     ("serve_app_job_queue_depth", "max({m})", 0),
+    ("serve_app_job_queue_oldest_age_seconds", "max({m})", 0),  # exported, 0 once claimed
     ("serve_app_job_queue_wait_seconds", "sum({m}_count)", 1),
-    ("serve_app_job_items_total", "sum({m})", 3),
+    ("serve_app_job_items_total", 'sum({m}{{outcome="succeeded"}})', 3),
     ("serve_app_jobs_finished_total", 'sum({m}{{state="succeeded"}})', 1),
     ("serve_app_job_duration_seconds", "sum({m}_count)", 1),
 ]

@@ -6,7 +6,12 @@ import pytest
 
 from serve_app.errors import QueueBusy
 from serve_app.jobs import IdempotencyConflict
-from serve_app.jobs.sqlite import CLAIM_WEBHOOK_SQL, CLAIM_WORK_SQL, SQLiteJobQueue
+from serve_app.jobs.sqlite import (
+    CLAIM_WEBHOOK_SQL,
+    CLAIM_WORK_SQL,
+    OLDEST_QUEUED_SQL,
+    SQLiteJobQueue,
+)
 
 ITEMS = [{"entity_id": f"E{i:07d}", "context": {}} for i in range(5)]
 
@@ -116,6 +121,22 @@ def test_claims_read_partial_indexes_not_the_whole_table(queue: SQLiteJobQueue) 
     assert "USING INDEX jobs_webhook_due" in webhooks, webhooks
     for plan in (work, webhooks):
         assert "SCAN jobs" not in plan.replace("SCAN jobs USING", ""), plan
+
+
+def test_oldest_queued_age_reads_one_entry_of_its_partial_index(queue: SQLiteJobQueue) -> None:
+    """Read every second by every worker: never a scan of the retained jobs."""
+    plan = _plan(queue, OLDEST_QUEUED_SQL, ())
+    assert "USING INDEX jobs_queued" in plan and "SCAN" not in plan, plan
+    now = time.time()
+    with sqlite3.connect(queue.path) as db:
+        db.executemany(
+            "INSERT INTO jobs (id, owner, state, total, created_at, finished_at, expires_at)"
+            " VALUES (?, 'o', 'succeeded', 1, ?, ?, ?)",
+            ((f"old{i}", now - 3600, now, now + 3600) for i in range(50_000)),
+        )
+    assert queue.oldest_queued_age() == 0.0  # finished jobs are not queued, however old
+    job, _ = queue.create("o", ITEMS[:1], {}, None, None, "h")
+    assert queue.oldest_queued_age(job.created_at + 2.5) == pytest.approx(2.5)
 
 
 def test_an_idle_claim_costs_the_same_with_many_retained_jobs(queue: SQLiteJobQueue) -> None:

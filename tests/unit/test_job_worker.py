@@ -1,6 +1,13 @@
+import asyncio
+import sqlite3
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
-from serve_app.deployments.job_worker import queue_depth_policy
+from serve_app.config import JobsConfig
+from serve_app.deployments.job_worker import JobWorker, queue_depth_policy
+from serve_app.jobs.sqlite import SQLiteJobQueue
+from serve_app.metrics import JobMetrics, item_outcomes
 
 
 def ctx(points: dict[str, list[tuple[float, float]]], low: int = 1, high: int = 4) -> object:
@@ -28,3 +35,102 @@ def test_policy_respects_bounds_and_empty_reports() -> None:
     assert queue_depth_policy(ctx({"a": [(1.0, 100.0)]}, high=2))[0] == 2
     assert queue_depth_policy(ctx({}, low=1))[0] == 1
     assert queue_depth_policy(ctx({"a": [(1.0, 0.0)]}, low=0))[0] == 0
+
+
+# ---- job metrics, without Ray: the worker's code on a real SQLite queue ------------------
+
+
+class _Recorder:
+    """Stands for a Ray Counter or Gauge: remembers what was recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, dict[str, str] | None]] = []
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        assert value > 0, "Ray refuses increments that are not positive"
+        self.calls.append((value, tags))
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.calls.append((value, tags))
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.calls.append((value, tags))
+
+
+class _Model:
+    """The Model handle's ``score.remote``: unknown entities are item errors."""
+
+    def __init__(self) -> None:
+        self.score = SimpleNamespace(remote=self._score)
+
+    async def _score(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "results": [
+                {"error": {"code": "entity_not_found"}}
+                if item["entity_id"].startswith("X")
+                else {"score": 0.5, "model_version": "v"}
+                for item in items
+            ]
+        }
+
+
+class _Worker(JobWorker.func_or_class):  # type: ignore[misc,name-defined]
+    def __del__(self) -> None:
+        """Serve's stop hook is not part of these tests (it is a coroutine)."""
+
+
+def _worker(queue: SQLiteJobQueue) -> Any:
+    instance = object.__new__(_Worker)
+    instance._queue = queue
+    instance._config = JobsConfig(chunk_size=2)
+    instance._model = _Model()
+    instance._worker = "w1"
+    instance._depth = 0
+    metrics = object.__new__(JobMetrics)
+    for name in ("queue_depth", "oldest_queued_age", "items", "jobs", "duration", "webhooks"):
+        setattr(metrics, name, _Recorder())
+    instance._metrics = metrics
+    return instance
+
+
+def test_job_progress_is_counted_by_outcome(tmp_path: Path) -> None:
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    items = [{"entity_id": e, "context": {}} for e in ("E1", "X2", "E3", "E4", "X5")]
+    job, _ = queue.create("o", items, {}, None, None, "h")
+    claimed = queue.claim("w1", 30)
+    assert claimed is not None and claimed.id == job.id
+    worker = _worker(queue)
+    asyncio.run(worker._run_job(claimed))
+    totals: dict[str, float] = {}
+    for value, tags in worker._metrics.items.calls:
+        assert tags is not None and set(tags) == {"outcome"}
+        totals[tags["outcome"]] = totals.get(tags["outcome"], 0) + value
+    assert totals == {"succeeded": 3, "failed": 2}
+    final = queue.get(job.id, "o")
+    assert final is not None and (final.done, final.failed) == (5, 2)  # the same count
+    assert worker._metrics.jobs.calls == [(1.0, {"state": "succeeded"})]
+
+
+def test_item_outcomes_count_errors_as_failed() -> None:
+    assert item_outcomes([]) == {"succeeded": 0, "failed": 0}
+    results = [{"ok": True, "score": 0.1}, {"ok": False, "error": {"code": "x"}}]
+    assert item_outcomes(results) == {"succeeded": 1, "failed": 1}
+
+
+def test_queue_gauges_show_depth_and_the_oldest_queued_jobs_age(tmp_path: Path) -> None:
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    worker = _worker(queue)
+    asyncio.run(worker._refresh_queue_gauges())
+    assert worker._metrics.queue_depth.calls[-1] == (0, None)
+    assert worker._metrics.oldest_queued_age.calls[-1] == (0.0, None)  # none queued
+    job, _ = queue.create("o", [{"entity_id": "E1", "context": {}}], {}, None, None, "h")
+    with sqlite3.connect(queue.path) as db:  # submitted a minute ago
+        db.execute("UPDATE jobs SET created_at = created_at - 60 WHERE id = ?", (job.id,))
+    asyncio.run(worker._refresh_queue_gauges())
+    assert worker._depth == 1 and worker._metrics.queue_depth.calls[-1] == (1, None)
+    age, _ = worker._metrics.oldest_queued_age.calls[-1]
+    assert 60 <= age < 70
+    assert queue.claim("w1", 30) is not None  # claimed: no longer waiting
+    asyncio.run(worker._refresh_queue_gauges())
+    assert worker._metrics.queue_depth.calls[-1] == (1, None)
+    assert worker._metrics.oldest_queued_age.calls[-1] == (0.0, None)
