@@ -84,11 +84,20 @@ def _descendants(root: int) -> dict[int, str]:
     return {pid: names[pid] for pid in ours if pid in names}
 
 
+# Servers that other tests' fixtures start in this session (contract suites, the Prometheus
+# test) when the whole suite runs: they are the test bench, not the app. The app itself never
+# starts a server process of its own.
+FIXTURE_SERVERS = frozenset({"redis-server", "postgres", "prometheus"})
+
+
 def listeners() -> list[Listener]:
-    """Listening sockets of this process and everything it started (Ray, HAProxy)."""
+    """Listening sockets of this process and everything it started (Ray, HAProxy), apart
+    from the test fixtures' own servers."""
     inodes = _listening_inodes()
     seen = []
     for pid, name in _descendants(os.getpid()).items():
+        if name in FIXTURE_SERVERS:
+            continue
         try:
             links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
         except OSError:
