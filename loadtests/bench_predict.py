@@ -41,6 +41,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python loadtests/<this>.py
 
 from loadtests.harness import (
+    CONFIG_YAML,
     LOADTESTS,
     RESULTS,
     SERVE_CPU_GROUPS,
@@ -222,6 +223,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_load_arguments(parser, duration=20, wrk_timeout=10, timeout_help="seconds, as the app's")
     parser.add_argument("--hot-ids", type=int, default=1_000)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_predict.md")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=CONFIG_YAML,
+        help="Serve YAML to deploy (default configs/config.yaml); e.g. one with one replica "
+        "per deployment, to compare with runs made before two became the default",
+    )
     return parser.parse_args(argv)
 
 
@@ -236,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bp_", dir="/tmp") as tmp:  # short: socket paths
         workdir = Path(tmp)
         model_dir, sqlite = workdir / "model", workdir / "features.db"
-        config = serve_config(workdir)
+        config = serve_config(workdir, args.config)
         n_ids = build_example_artifacts(config).artifacts.n_entities
         baseline_argv = [
             str(LOADTESTS / "baseline_app.py"),
