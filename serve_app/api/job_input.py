@@ -30,7 +30,7 @@ from serve_app.api.quotas import check_backlog
 from serve_app.api.schemas import JobRequest
 from serve_app.api.validation import check_item_count, parse_body, parse_item
 from serve_app.config import JobsConfig
-from serve_app.errors import Conflict, InvalidInput
+from serve_app.errors import Conflict, InvalidInput, Overloaded
 from serve_app.jobs import IdempotencyConflict, Job, JobQueue, open_job_queue
 from serve_app.jobs.webhooks import check_callback_url
 from serve_app.scoring.items import Item
@@ -39,6 +39,8 @@ from serve_app.scoring.items import Item
 IN_PROCESS_MAX_BYTES = 1 << 20
 # Worker processes per Ingress replica: each holds one large body's parse at a time.
 WORKER_PROCESSES = 2
+# A large body takes seconds to parse and validate: retrying sooner would be refused again.
+LARGE_BODY_RETRY_AFTER_S = 5
 
 
 @dataclass
@@ -149,6 +151,7 @@ class JobCreator:
         self._queue = queue
         self._webhooks_configured = webhooks_configured
         self._pool: ProcessPoolExecutor | None = None
+        self._in_processes = 0  # large bodies being created now (this event loop only)
 
     def _processes(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -168,8 +171,23 @@ class JobCreator:
         args = (raw, owner, idempotency_key, self._settings, self._webhooks_configured)
         if len(raw) <= IN_PROCESS_MAX_BYTES:
             return await asyncio.to_thread(create_job, *args, self._queue)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._processes(), create_job, *args)
+        # Refuse rather than queue behind busy workers: a large body waiting for one would
+        # hold its 16 MB and run into the request timeout (408s in an 8-post test), while a
+        # 503 + Retry-After lets the client come back when a worker is free.
+        if self._in_processes >= WORKER_PROCESSES:
+            busy = Overloaded(
+                f"all {WORKER_PROCESSES} job-parsing workers of this replica are busy with "
+                "large bodies; retry after the Retry-After seconds",
+                [{"type": "job_workers_busy", "limit": WORKER_PROCESSES}],
+            )
+            busy.retry_after_s = LARGE_BODY_RETRY_AFTER_S
+            raise busy
+        self._in_processes += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._processes(), create_job, *args)
+        finally:
+            self._in_processes -= 1
 
     def close(self) -> None:
         if self._pool is not None:

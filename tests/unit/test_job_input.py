@@ -12,7 +12,7 @@ import pytest
 
 from serve_app.api.job_input import IN_PROCESS_MAX_BYTES, JobCreator
 from serve_app.config import JobsConfig
-from serve_app.errors import InvalidInput, TooManyRequests
+from serve_app.errors import InvalidInput, Overloaded, TooManyRequests
 from serve_app.jobs.sqlite import SQLiteJobQueue
 from serve_app.jobs.webhooks import CallbackRefused
 
@@ -55,3 +55,50 @@ def test_large_bodies_are_created_in_a_worker_process(tmp_path: Path) -> None:
     finally:
         creator.close()
     assert queue.owner_backlog("alice") == 1
+
+
+def test_a_large_body_is_refused_at_once_when_every_worker_is_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not queued behind busy workers (where it would meet the request timeout): 503 with a
+    Retry-After long enough for a worker to free up; the busy ones still finish."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_app.api import job_input
+
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def slow_create(*args: object) -> tuple[str, bool]:
+        started.release()
+        release.wait(10)
+        return "job", True
+
+    jobs = JobsConfig(queue_url=f"sqlite:///{tmp_path / 'jobs.db'}")
+    creator = JobCreator(jobs, SQLiteJobQueue(tmp_path / "jobs.db"), webhooks_configured=True)
+    pool = ThreadPoolExecutor(job_input.WORKER_PROCESSES)
+    monkeypatch.setattr(creator, "_processes", lambda: pool)
+    monkeypatch.setattr(job_input, "create_job", slow_create)
+    large = b" " * (IN_PROCESS_MAX_BYTES + 1)
+
+    async def scenario() -> None:
+        busy = [
+            asyncio.create_task(creator.create(large, f"key{i}", None))
+            for i in range(job_input.WORKER_PROCESSES)
+        ]
+        for _ in busy:
+            await asyncio.to_thread(started.acquire)
+        with pytest.raises(Overloaded) as refused:
+            await creator.create(large, "another", None)
+        assert refused.value.status_code == 503
+        assert refused.value.retry_after_s == job_input.LARGE_BODY_RETRY_AFTER_S
+        release.set()
+        assert [await task for task in busy] == [("job", True)] * len(busy)
+        assert await creator.create(large, "another", None) == ("job", True)  # free again
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        pool.shutdown()
