@@ -37,8 +37,11 @@ from serve_app.scoring.items import Item
 
 # Bodies up to this size are handled in a thread of the Ingress; larger ones in a process.
 IN_PROCESS_MAX_BYTES = 1 << 20
-# Worker processes per Ingress replica: each holds one large body's parse at a time.
-WORKER_PROCESSES = 2
+# Worker processes per Ingress replica: each holds one large body's parse at a time. One:
+# with two per replica (four large bodies parsing and writing the queue at once across two
+# replicas on 2 cores) one of eight concurrent 16 MB posts ran past Serve's 30 s request
+# timeout (408) in a CI run of 2026-11-30; one per replica keeps each creation well inside it.
+WORKER_PROCESSES = 1
 # A large body takes seconds to parse and validate: retrying sooner would be refused again.
 LARGE_BODY_RETRY_AFTER_S = 5
 
@@ -176,7 +179,7 @@ class JobCreator:
         # 503 + Retry-After lets the client come back when a worker is free.
         if self._in_processes >= WORKER_PROCESSES:
             busy = Overloaded(
-                f"all {WORKER_PROCESSES} job-parsing workers of this replica are busy with "
+                f"this replica's job-parsing worker(s) ({WORKER_PROCESSES}) are busy with "
                 "large bodies; retry after the Retry-After seconds",
                 [{"type": "job_workers_busy", "limit": WORKER_PROCESSES}],
             )
