@@ -17,6 +17,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -161,27 +162,46 @@ class ServeApp:
         response.raise_for_status()
         return response.json()
 
-    def model_stats_by_replica(self, tries: int = 200) -> dict[str, dict[str, Any]]:
-        """/v1/stats of every running Model replica, by replica id.
-
-        Each /v1/stats call is answered by one Model replica (Serve routes it), so ask until
-        every replica has answered. Counters then add up across replicas, whatever the
-        replica count the config asks for.
-        """
-        count = self.stable_replicas("Model")
-        seen: dict[str, dict[str, Any]] = {}
-        for _ in range(tries):
-            model = self.stats()["model"]
-            seen[model["replica"]] = model
-            if len(seen) == count:
-                return seen
-        raise AssertionError(f"{count} Model replicas running, {len(seen)} answered /v1/stats")
-
     def redeploy(self, mutate: Any) -> None:
         config = copy.deepcopy(self.config)
         mutate(config)
         deploy(config)
         self.config = config
+
+    def wait_for_replicas(self, deployment: str, count: int, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (running := self.stable_replicas(deployment, timeout_s)) != count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{deployment}: {running} replicas, not {count}")
+            time.sleep(0.5)
+
+    @contextmanager
+    def one_replica(self, deployment: str) -> Iterator[None]:
+        """``deployment`` at one replica for the block, then as configured again.
+
+        For counters that one ``/v1/stats`` call must see whole: Serve routes each call to
+        a replica of its choosing (with two idle replicas it may pick the same one every
+        time). A replica-count change is a light config update: the replica that stays
+        keeps its process and counters.
+        """
+        original = copy.deepcopy(self.config)
+        wanted = self.stable_replicas(deployment)
+
+        def scale_to_one(config: dict[str, Any]) -> None:
+            for entry in config["applications"][0]["deployments"]:
+                if entry["name"] == deployment:
+                    scaling = entry.setdefault("autoscaling_config", {})
+                    scaling.update(min_replicas=1, max_replicas=1)
+                    scaling.pop("initial_replicas", None)
+
+        self.redeploy(scale_to_one)
+        try:
+            self.wait_for_replicas(deployment, 1)
+            yield
+        finally:
+            deploy(original)
+            self.config = original
+            self.wait_for_replicas(deployment, wanted)
 
 
 @pytest.fixture(scope="session")
