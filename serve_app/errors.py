@@ -117,6 +117,13 @@ class QueueBusy(ServiceError):
     code = "queue_busy"
 
 
+class JobWorkersBusy(Overloaded):
+    """A large job body while the replica's parsing worker is busy: parsing takes seconds,
+    so a retry sooner than that would be refused again."""
+
+    retry_after_s = 5
+
+
 class TooManyRequests(ServiceError):
     """429 with ``Retry-After``: a per-key cap, not an outage (hence no 503)."""
 

@@ -30,7 +30,7 @@ from serve_app.api.quotas import check_backlog
 from serve_app.api.schemas import JobRequest
 from serve_app.api.validation import check_item_count, parse_body, parse_item
 from serve_app.config import JobsConfig
-from serve_app.errors import Conflict, InvalidInput, Overloaded
+from serve_app.errors import Conflict, InvalidInput, JobWorkersBusy
 from serve_app.jobs import IdempotencyConflict, Job, JobQueue, open_job_queue
 from serve_app.jobs.webhooks import check_callback_url
 from serve_app.scoring.items import Item
@@ -42,8 +42,6 @@ IN_PROCESS_MAX_BYTES = 1 << 20
 # replicas on 2 cores) one of eight concurrent 16 MB posts ran past Serve's 30 s request
 # timeout (408) in a CI run of 2026-11-30; one per replica keeps each creation well inside it.
 WORKER_PROCESSES = 1
-# A large body takes seconds to parse and validate: retrying sooner would be refused again.
-LARGE_BODY_RETRY_AFTER_S = 5
 
 
 @dataclass
@@ -178,13 +176,11 @@ class JobCreator:
         # hold its 16 MB and run into the request timeout (408s in an 8-post test), while a
         # 503 + Retry-After lets the client come back when a worker is free.
         if self._in_processes >= WORKER_PROCESSES:
-            busy = Overloaded(
+            raise JobWorkersBusy(
                 f"this replica's job-parsing worker(s) ({WORKER_PROCESSES}) are busy with "
                 "large bodies; retry after the Retry-After seconds",
                 [{"type": "job_workers_busy", "limit": WORKER_PROCESSES}],
             )
-            busy.retry_after_s = LARGE_BODY_RETRY_AFTER_S
-            raise busy
         self._in_processes += 1
         try:
             loop = asyncio.get_running_loop()
