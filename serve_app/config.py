@@ -324,7 +324,14 @@ class ModelTuning(_Settings):
     """``user_config`` of the Model deployment: how requests are batched."""
 
     max_batch_size: int = Field(64, ge=1, le=4_096)
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
+    batch_wait_timeout_s: float = Field(
+        0.001,
+        ge=0,
+        le=1,
+        description="How long a batch waits for more calls. The Ingress already sends "
+        "coalesced lists, so this only merges calls that arrive together (from several "
+        "Ingress replicas or JobWorkers); 5 ms here cost every prediction 5 ms.",
+    )
 
 
 class IngressTuning(_Settings):

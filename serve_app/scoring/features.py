@@ -75,7 +75,7 @@ def build_frame(
         )
     for name in NUMERIC_FEATURES:
         rows = entities if name in ENTITY_FEATURES else request_rows
-        columns[name] = np.array([_number(row.get(name)) for row in rows], dtype=np.float64)
+        columns[name] = np.array([number(row.get(name)) for row in rows], dtype=np.float64)
     return pd.DataFrame(columns, columns=list(MODEL_COLUMNS), copy=False)
 
 
@@ -84,7 +84,7 @@ _ALLOWED: dict[str, frozenset[str]] = {
 }
 
 
-def _number(value: Any) -> float:
+def number(value: Any) -> float:
     """A float, or NaN for missing or non-numeric values (stored data may be messy)."""
     if value is None:
         return np.nan
