@@ -8,8 +8,9 @@ It does the same work per request as serve_app, without Ray and without any cach
 
 Same artifact (checksum-verified by :func:`serve_app.scoring.artifact.load_artifact`), same
 store class (:class:`serve_app.stores.sqlite.SQLiteFeatureStore`, a connection per call),
-same request schemas and the same pre-processing
-(:func:`serve_app.scoring.features.build_frame`).
+same request schemas and the same scoring code
+(:meth:`serve_app.scoring.scorer.Scorer.predict`, with the numpy encoding serve_app's
+Model uses).
 There is NO prediction cache and NO feature cache here, and no API-key check (a
 constant-time compare, negligible next to the model). scikit-learn's OpenMP threads are
 pinned to 1 with threadpoolctl, as serve_app pins them per replica; unpinned they
@@ -34,7 +35,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from serve_app.api.schemas import PREDICT_REQUEST, BatchRequest, PredictRequest
 from serve_app.scoring.artifact import LoadedModel, load_artifact
-from serve_app.scoring.features import build_frame
+from serve_app.scoring.scorer import Scorer
 from serve_app.stores.sqlite import SQLiteFeatureStore
 
 
@@ -45,10 +46,10 @@ def create_app(model_dir: Path, sqlite_path: Path) -> FastAPI:
     store = SQLiteFeatureStore(sqlite_path)
     app = FastAPI(title="serve_app baseline (no Ray, no cache)")
 
+    scorer = Scorer(model)
+
     def score(rows: list[dict[str, Any]], items: list[PredictRequest]) -> list[float]:
-        frame = build_frame(rows, [item.context.model_dump() for item in items])
-        proba = model.pipeline.predict_proba(frame)[:, 1]
-        return [round(float(p), 6) for p in proba]
+        return scorer.predict(rows, [item.context.model_dump() for item in items])
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

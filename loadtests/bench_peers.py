@@ -20,7 +20,7 @@ What it does, all on loopback and in a temp dir:
 
    Both peers do serve_app's work with serve_app's own code (``loadtests/peers/common.py``:
    ``KeyChecker``, ``parse_item`` / ``parse_items``, ``SQLiteFeatureStore``, the artifact,
-   ``build_frame``) and answer serve_app's bodies;
+   ``Scorer.predict``) and answer serve_app's bodies;
 3. for each: start-up time (process start to the first 200 on ``/readyz``), idle memory
    (RSS and PSS summed over every process of the server, from ``/proc/PID/smaps_rollup``),
    the scores of a fixed set of items (checked equal across all servers), then the load

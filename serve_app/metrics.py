@@ -58,7 +58,7 @@ SPECS: dict[str, MetricSpec] = {
         "counter", "Prediction-cache look-ups by result (hit|miss).", ("result",)
     ),
     "serve_app_coalesced_batch_items": MetricSpec(
-        "histogram", "Single predictions merged into one call to the Model.", (), _SIZES
+        "histogram", "Items of concurrent requests merged into one call to the Model.", (), _SIZES
     ),
     "serve_app_job_items_submitted_total": MetricSpec(
         "counter", "Items in newly created jobs (replays of an Idempotency-Key excluded)."

@@ -10,8 +10,9 @@ the peers differ from serve_app only in how requests reach the model:
 * the look-up: :class:`serve_app.stores.sqlite.SQLiteFeatureStore` on serve_app's file,
   ONE bulk ``get_many`` per model call (a worker thread, as in serve_app's FeatureFetcher);
 * the model: serve_app's artifact (checksum-verified by ``load_artifact``), ONE
-  :func:`serve_app.scoring.features.build_frame` + ``predict_proba`` per model call on the
-  unique items, scores rounded to 6 places, scikit-learn pinned to 1 thread;
+  :meth:`serve_app.scoring.scorer.Scorer.predict` per model call on the unique items
+  (the same numpy encoding serve_app's Model uses, scores rounded to 6 places),
+  scikit-learn pinned to 1 thread;
 * the bodies: serve_app's ``/v1/predict`` and ``/v1/predict/batch`` answers, field for
   field (``cached`` is always false: there is no cache here).
 
@@ -34,8 +35,8 @@ from serve_app.api.validation import check_item_count, parse_body, parse_items
 from serve_app.config import AuthConfig, LimitsConfig
 from serve_app.errors import InvalidInput, ServeAppError, error_for_item
 from serve_app.scoring.artifact import LoadedModel, load_artifact
-from serve_app.scoring.features import build_frame
 from serve_app.scoring.items import Item, ItemKey, ItemResult, error_result, item_key, unique_items
+from serve_app.scoring.scorer import Scorer
 from serve_app.stores.base import FeatureRow
 from serve_app.stores.sqlite import SQLiteFeatureStore
 
@@ -56,15 +57,18 @@ class PeerWork:
     model: LoadedModel
     store: SQLiteFeatureStore
     limits: LimitsConfig
+    scorer: Scorer
 
     @classmethod
     def from_env(cls) -> PeerWork:
         """Load in the process that will score: 1 sklearn thread, as serve_app pins it."""
         threadpool_limits(limits=1)
+        model = load_artifact(Path(os.environ[ENV_MODEL_DIR]))
         return cls(
-            model=load_artifact(Path(os.environ[ENV_MODEL_DIR])),
+            model=model,
             store=SQLiteFeatureStore(Path(os.environ[ENV_SQLITE])),
             limits=LimitsConfig(),
+            scorer=Scorer(model),
         )
 
     @property
@@ -90,13 +94,12 @@ class PeerWork:
                 message = f"no features stored for entity {item['entity_id']!r}"
                 results[item_key(item)] = error_result("unknown_entity", message)
         if known:
-            frame = build_frame(
+            scores = self.scorer.predict(
                 [rows[item["entity_id"]] for item in known],
                 [item.get("context") or {} for item in known],
             )
-            proba = self.model.pipeline.predict_proba(frame)[:, 1]
-            for item, p in zip(known, proba, strict=True):
-                results[item_key(item)] = {"score": round(float(p), 6), "degraded": False}
+            for item, score in zip(known, scores, strict=True):
+                results[item_key(item)] = {"score": score, "degraded": False}
         return results
 
 

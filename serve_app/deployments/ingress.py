@@ -116,9 +116,9 @@ def _json_body_doc(model: type) -> dict[str, Any]:
     }
 
 
-# What a coalesced caller gets: version, its result, and the call's (start, round trip,
-# Model timings) for its Server-Timing.
-_Coalesced = tuple[str, ItemResult, tuple[float, float, ModelTiming | None]]
+# What a coalesced caller gets: version, its results (one per item it sent, in order), and
+# the call's (start, round trip, Model timings) for its Server-Timing.
+_Coalesced = tuple[str, list[ItemResult], tuple[float, float, ModelTiming | None]]
 
 
 def _mark_admitted() -> None:
@@ -181,11 +181,14 @@ class Ingress:
         self._answers = Answers(_prediction_cache(cache))
         self._background: set[asyncio.Task[None]] = set()
         tuning = IngressTuning()
-        self._coalescer: Coalescer[tuple[Item, str], _Coalesced] = Coalescer(
-            self._score_list,
+        # Entries are (items, request id): one item for /v1/predict, a request's cache
+        # misses for /v1/predict/batch; calls carry up to coalesce_max_batch_size items.
+        self._coalescer: Coalescer[tuple[list[Item], str], _Coalesced] = Coalescer(
+            self._score_lists,
             tuning.coalesce_max_batch_size,
             tuning.coalesce_wait_s,
             tuning.coalesce_max_in_flight,
+            size=lambda entry: len(entry[0]),
         )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -224,39 +227,42 @@ class Ingress:
                 raise ServiceError("the model deployment is restarting; retry shortly") from exc
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _score_list(self, entries: list[tuple[Item, str]]) -> list[_Coalesced]:
-        """One hop for many concurrent single predictions (called by the coalescer).
+    async def _score_lists(self, entries: list[tuple[list[Item], str]]) -> list[_Coalesced]:
+        """One hop for the items of many concurrent requests (called by the coalescer).
 
         The call carries the request ids of every request in it (for the Model's and the
-        FeatureFetcher's log lines), and each caller gets the call's timings back.
+        FeatureFetcher's log lines), and each caller gets its own results and the call's
+        timings back.
         """
         tag_request_ids(request_id for _, request_id in entries)
-        self._metrics.coalesced.observe(len(entries))
+        flat = [item for items, _ in entries for item in items]
+        self._metrics.coalesced.observe(len(flat))
         started = time.perf_counter()
-        answer = await self._call_model([item for item, _ in entries])
+        answer = await self._call_model(flat)
         call = (started, time.perf_counter() - started, answer.get("timing"))
-        return [(answer["model_version"], result, call) for result in answer["results"]]
+        results, version = answer["results"], answer["model_version"]
+        coalesced: list[_Coalesced] = []
+        offset = 0
+        for items, _ in entries:
+            coalesced.append((version, results[offset : offset + len(items)], call))
+            offset += len(items)
+        return coalesced
 
-    async def _submit(self, item: Item) -> tuple[str, ItemResult]:
-        """One item through the coalescer; its waits go to the request's Server-Timing."""
+    async def _submit_many(self, items: list[Item]) -> ModelAnswer:
+        """Items through the coalescer; its waits go to the request's Server-Timing."""
         queued = time.perf_counter()
-        version, result, (started, rpc_s, model_timing) = await self._coalescer.submit(
-            (item, current_request_id())
+        version, results, (started, rpc_s, model_timing) = await self._coalescer.submit(
+            (items, current_request_id())
         )
         timing = current_timing()
         if timing is not None:
             timing.add("coalesce", started - queued)
             timing.add_model(model_timing, rpc_s)
-        return version, result
+        return {"model_version": version, "results": results}
 
-    async def _timed_call_model(self, items: list[Item]) -> ModelAnswer:
-        """:meth:`_call_model` for a batch request, its timings in Server-Timing."""
-        started = time.perf_counter()
-        answer = await self._call_model(items)
-        timing = current_timing()
-        if timing is not None:
-            timing.add_model(answer.get("timing"), time.perf_counter() - started)
-        return answer
+    async def _submit(self, item: Item) -> tuple[str, ItemResult]:
+        answer = await self._submit_many([item])
+        return answer["model_version"], answer["results"][0]
 
     def _count_scoring(self, route: str, items: int) -> None:
         """Items per request, and the prediction cache's new hits and misses."""
@@ -368,7 +374,7 @@ class Ingress:
             unique_items(entry for entry in entries if not isinstance(entry, InvalidInput))
         )
         try:
-            return await score_batch(entries, self._answers, self._timed_call_model)
+            return await score_batch(entries, self._answers, self._submit_many)
         finally:
             self._shared_flush()
             self._count_scoring("/v1/predict/batch", len(entries))

@@ -25,8 +25,10 @@ class Coalescer(Generic[T, R]):
 
     ``call`` receives a list and must return one result per item, in order. If it raises,
     every caller in that batch gets the exception. At most ``max_in_flight`` calls run at
-    once; a free slot waits up to ``wait_s`` for more items before calling with fewer than
-    ``max_batch_size``.
+    once; a free slot waits up to ``wait_s`` for more items before calling with less than
+    ``max_batch_size``. ``size`` weighs an entry (default 1 each): with entries that are
+    lists of items, ``size=len`` bounds the items per call, not the entries; an entry
+    larger than ``max_batch_size`` goes alone.
     """
 
     def __init__(
@@ -35,10 +37,13 @@ class Coalescer(Generic[T, R]):
         max_batch_size: int,
         wait_s: float,
         max_in_flight: int,
+        size: Callable[[T], int] | None = None,
     ) -> None:
         self._call = call
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
+        self._size = size
+        self._queued = 0  # the summed size of the queue
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
         self._ready = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
@@ -64,15 +69,26 @@ class Coalescer(Generic[T, R]):
             self._start_workers()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
+        self._queued += self._weight(item)
         self._ready.set()
         return await future
 
+    def _weight(self, item: T) -> int:
+        return 1 if self._size is None else self._size(item)
+
     def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
         batch: list[tuple[T, asyncio.Future[R]]] = []
-        while self._queue and len(batch) < self.max_batch_size:
-            item, future = self._queue.popleft()
+        taken = 0
+        while self._queue:
+            item, future = self._queue[0]
+            weight = self._weight(item)
+            if batch and taken + weight > self.max_batch_size:
+                break
+            self._queue.popleft()
+            self._queued -= weight
             if not future.done():  # a caller that went away is skipped
                 batch.append((item, future))
+                taken += weight
         if not self._queue:
             self._ready.clear()
         return batch
@@ -80,7 +96,7 @@ class Coalescer(Generic[T, R]):
     async def _work(self, slot: int) -> None:
         while slot < self._max_in_flight:
             await self._ready.wait()
-            if self.wait_s and len(self._queue) < self.max_batch_size:
+            if self.wait_s and self._queued < self.max_batch_size:
                 await asyncio.sleep(self.wait_s)
             batch = self._take()
             if not batch:

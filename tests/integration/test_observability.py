@@ -41,6 +41,7 @@ def test_server_timing_on_a_batch_and_a_cache_hit(serve_app: ServeApp) -> None:
     assert batch.status_code == 200
     assert set(_phases(batch)) == {
         "admission",
+        "coalesce",
         "model-queue",
         "features",
         "predict",

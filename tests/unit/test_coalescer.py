@@ -114,3 +114,23 @@ def test_configure_changes_batch_size_and_slots() -> None:
     assert before == 1
     assert max(len(c) for c in call.calls[1:]) <= 5
     assert call.max_active == 3  # 4 batches of 5, at most 3 of them in flight at once
+
+
+def test_entries_weighed_by_size_bound_the_items_per_call() -> None:
+    """Lists of items (batch requests) share calls up to ``max_batch_size`` items; a list
+    larger than that goes alone, and every caller gets its own results."""
+
+    async def total(lists: list[list[int]]) -> list[int]:
+        calls.append([len(items) for items in lists])
+        return [sum(items) for items in lists]
+
+    async def scenario() -> list[int]:
+        coalescer: Coalescer[list[int], int] = Coalescer(
+            total, max_batch_size=10, wait_s=0, max_in_flight=1, size=len
+        )
+        entries = [[1] * 4, [1] * 4, [1] * 4, [1] * 25, [1] * 2, [1] * 3]
+        return await asyncio.gather(*(coalescer.submit(entry) for entry in entries))
+
+    calls: list[list[int]] = []
+    assert asyncio.run(scenario()) == [4, 4, 4, 25, 2, 3]
+    assert calls == [[4, 4], [4], [25], [2, 3]]
