@@ -102,7 +102,7 @@ class Coalescer(Generic[T, R]):
             if not batch:
                 continue
             self.batches += 1
-            self.items += len(batch)
+            self.items += sum(self._weight(item) for item, _ in batch)
             try:
                 results = await self._call([item for item, _ in batch])
                 if len(results) != len(batch):

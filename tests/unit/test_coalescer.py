@@ -124,13 +124,15 @@ def test_entries_weighed_by_size_bound_the_items_per_call() -> None:
         calls.append([len(items) for items in lists])
         return [sum(items) for items in lists]
 
+    coalescer: Coalescer[list[int], int] = Coalescer(
+        total, max_batch_size=10, wait_s=0, max_in_flight=1, size=len
+    )
+
     async def scenario() -> list[int]:
-        coalescer: Coalescer[list[int], int] = Coalescer(
-            total, max_batch_size=10, wait_s=0, max_in_flight=1, size=len
-        )
         entries = [[1] * 4, [1] * 4, [1] * 4, [1] * 25, [1] * 2, [1] * 3]
         return await asyncio.gather(*(coalescer.submit(entry) for entry in entries))
 
     calls: list[list[int]] = []
     assert asyncio.run(scenario()) == [4, 4, 4, 25, 2, 3]
     assert calls == [[4, 4], [4], [25], [2, 3]]
+    assert (coalescer.batches, coalescer.items) == (4, 42)  # items, not entries
