@@ -104,6 +104,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     RAY_SERVE_ENABLE_HA_PROXY=1 \
     RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2 \
     RAY_SERVE_HAPROXY_RETRY_ON="conn-failure empty-response" \
+    RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S=60 \
     RAY_USAGE_STATS_ENABLED=0
 # No RUN in this stage: the user (10001) comes from the build stage (same base), so no
 # build-time mount point can end up in a layer of the image.

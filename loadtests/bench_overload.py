@@ -64,6 +64,7 @@ from loadtests.harness import (
     serve_environment,
     write_report,
 )
+from serve_app.config import read_env_file
 
 LUA = LOADTESTS / "wrk_overload.lua"
 CPU_GROUPS = (*DEPLOYMENTS, "JobWorker", "other replicas", "HAProxy", "Ray other", "wrk")
@@ -71,12 +72,7 @@ CPU_GROUPS = (*DEPLOYMENTS, "JobWorker", "other replicas", "HAProxy", "Ray other
 
 def serve_env_file(path: Path = ROOT / "configs" / "serve.env") -> dict[str, str]:
     """The variables of configs/serve.env (what the README's run command sources)."""
-    env = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            env[key.strip()] = value.strip().strip('"')
-    return env
+    return read_env_file(path)
 
 
 def cpu_group(pid: int, name: str) -> str:

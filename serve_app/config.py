@@ -381,6 +381,21 @@ TUNING_BY_DEPLOYMENT: dict[str, type[_Settings]] = {
 }
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines (``#`` comments, optional quotes), as ``configs/serve.env`` has them.
+
+    That file is the environment of the process that starts Ray (Ray Serve reads its
+    throughput and HAProxy settings only from there); the README's run command sources it
+    with the shell, and the tests, the benchmarks and ``serve-app k8s`` read it here.
+    """
+    env: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip().strip('"')
+    return env
+
+
 def read_serve_yaml(path: Path) -> dict[str, Any]:
     """The Serve YAML as a dict, or :class:`ConfigError` naming the file."""
     try:

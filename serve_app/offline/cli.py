@@ -97,10 +97,15 @@ def _load_features(args: argparse.Namespace) -> int:
 
 
 def _k8s(args: argparse.Namespace) -> int:
+    from serve_app.config import read_env_file
     from serve_app.offline.k8s import ManifestOptions, render_manifest
 
     options = ManifestOptions(
-        image=args.image, secret_name=args.secret, worker_replicas=args.workers, name=args.name
+        image=args.image,
+        secret_name=args.secret,
+        worker_replicas=args.workers,
+        name=args.name,
+        ray_env=tuple(read_env_file(Path(args.env_file)).items()),
     )
     text = render_manifest(Path(args.config), options)
     if args.out == "-":
@@ -143,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     k8s.add_argument("--secret", default="serve-app", help="Kubernetes Secret with keys/URLs")
     k8s.add_argument("--workers", type=int, default=2, help="worker pods")
     k8s.add_argument("--name", default="serve-app")
+    k8s.add_argument(
+        "--env-file", default="configs/serve.env", help="Ray's environment, as `serve run` gets it"
+    )
     k8s.add_argument("--out", default="-", help="file, or - for stdout")
     k8s.set_defaults(run=_k8s)
     args = parser.parse_args(argv)

@@ -7,10 +7,12 @@ The manifest is derived, never hand-edited, so it cannot drift from the config:
 * the worker group's CPU request is what the deployments need at peak
   (``num_cpus x max_replicas`` summed), spread over ``workers - 1`` pods so that the
   app still fits after losing one pod; Ray's ``num-cpus`` equals the pod's request;
-* every Ray container (head and workers) gets the throughput-mode variables
-  (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, ``RAY_SERVE_ENABLE_HA_PROXY=1``) and, from one
-  Kubernetes Secret, every ``${VAR}`` the config reads plus the API keys and webhook
-  secret. No secret value is ever written into the manifest.
+* every Ray container (head and workers) gets the variables of ``configs/serve.env``
+  (throughput mode, HAProxy's retries and server timeout, the ingress drain: what the
+  README's run command sources; at least ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` and
+  ``RAY_SERVE_ENABLE_HA_PROXY=1``) and, from one Kubernetes Secret, every ``${VAR}`` the
+  config reads plus the API keys and webhook secret. No secret value is ever written
+  into the manifest.
 
 There is no Kubernetes here; ``kubectl apply -f`` of the output is how it would be run
 (README, "Scale out").
@@ -42,6 +44,7 @@ class ManifestOptions:
     worker_memory: str = "3Gi"
     head_cpus: str = "1"
     head_memory: str = "2Gi"
+    ray_env: tuple[tuple[str, str], ...] = ()  # from configs/serve.env (read_env_file)
 
 
 def peak_cpus(serve_config: dict[str, Any]) -> float:
@@ -77,7 +80,8 @@ def secret_variables(serve_config: dict[str, Any]) -> list[str]:
 def _container(
     name: str, options: ManifestOptions, secrets: list[str], cpus: str, memory: str
 ) -> dict[str, Any]:
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in THROUGHPUT_ENV.items()]
+    plain = {**THROUGHPUT_ENV, **dict(options.ray_env)}
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plain.items()]
     env += [
         {"name": var, "valueFrom": {"secretKeyRef": {"name": options.secret_name, "key": var}}}
         for var in secrets

@@ -32,7 +32,7 @@ from loadtests.launch import (
     wait_ready,
 )
 from loadtests.launch import free_port as any_free_port
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, read_env_file
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_NAME = "serve_app"
@@ -43,12 +43,7 @@ WEBHOOK_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 def serve_env_file(path: Path = ROOT / "configs" / "serve.env") -> dict[str, str]:
     """configs/serve.env: what the README's run command sources before `serve run`."""
-    env = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            env[key.strip()] = value.strip().strip('"')
-    return env
+    return read_env_file(path)
 
 
 # HAProxy's admin socket (mode 0666, level admin), config and state files in a directory

@@ -9,6 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from serve_app.config import read_env_file
 from serve_app.offline.cli import main
 from serve_app.offline.k8s import THROUGHPUT_ENV, ManifestOptions, peak_cpus, render_manifest
 
@@ -20,7 +21,9 @@ K8S_VERSION = "1.30.0"
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("k8s") / "rayservice.yaml"
-    assert main(["k8s", "--config", str(CLUSTER), "--out", str(out), "--workers", "3"]) == 0
+    env_file = ROOT / "configs" / "serve.env"
+    argv = ["k8s", "--config", str(CLUSTER), "--env-file", str(env_file), "--workers", "3"]
+    assert main([*argv, "--out", str(out)]) == 0
     return yaml.safe_load(out.read_text())
 
 
@@ -60,9 +63,11 @@ def test_cpu_requests_match_the_deployments(manifest: dict[str, Any]) -> None:
 
 def test_every_ray_container_has_throughput_mode_and_secrets(manifest: dict[str, Any]) -> None:
     raw = CLUSTER.read_text()
+    serve_env = read_env_file(ROOT / "configs" / "serve.env")
+    assert "RAY_SERVE_HAPROXY_RETRY_ON" in serve_env  # what `serve run` gets, the pods get
     for container in _containers(manifest):
         env = {e["name"]: e for e in container["env"]}
-        for name, value in THROUGHPUT_ENV.items():
+        for name, value in {**THROUGHPUT_ENV, **serve_env}.items():
             assert env[name]["value"] == value
         for name in ("SERVE_APP_REDIS_URL", "SERVE_APP_POSTGRES_URL", "SERVE_APP_API_KEYS"):
             assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "serve-app", "key": name}
