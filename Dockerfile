@@ -82,7 +82,7 @@ exec('for name in mods:\\n try: importlib.import_module(name)\\n except BaseExce
 # 5. The example store and model, single-threaded so that it is the same model everywhere,
 #    checked against the fingerprint recorded under the lock (tests/image/expected_model.json).
 WORKDIR /app
-COPY configs/docker.yaml configs/docker.yaml
+COPY configs/docker.yaml configs/serve.env configs/
 COPY tests/image/expected_model.json /src/expected_model.json
 RUN OMP_NUM_THREADS=1 /opt/venv/bin/serve-app build configs/docker.yaml \
  && /opt/venv/bin/python -c "import json, sys; \
@@ -95,16 +95,10 @@ sys.exit(0 if got == want else f'model {got} != expected {want}: lock or trainin
  && chmod 0555 var/model && chmod 0444 var/model/*
 
 FROM ${BASE_IMAGE}
-# The Ray settings below are those of configs/serve.env (the README run command loads it).
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
-    RAY_SERVE_ENABLE_HA_PROXY=1 \
-    RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2 \
-    RAY_SERVE_HAPROXY_RETRY_ON="conn-failure empty-response" \
-    RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S=60 \
     RAY_USAGE_STATS_ENABLED=0
 # No RUN in this stage: the user (10001) comes from the build stage (same base), so no
 # build-time mount point can end up in a layer of the image.
@@ -120,4 +114,7 @@ VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s \
   CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
-CMD ["serve", "run", "configs/docker.yaml"]
+# Ray's settings come from configs/serve.env, as with the README's run command (one source;
+# one of its values spans two lines, which an ENV line cannot hold). `exec` keeps `serve
+# run` the process that `docker stop` signals; the last argument is the Serve config.
+CMD ["sh", "-c", "set -a && . configs/serve.env && set +a && exec serve run \"$1\"", "sh", "configs/docker.yaml"]

@@ -49,7 +49,6 @@ from loadtests.harness import (
     DEPLOYMENTS,
     LOADTESTS,
     RESULTS,
-    ROOT,
     build_example_artifacts,
     cmdline,
     command_line,
@@ -64,15 +63,9 @@ from loadtests.harness import (
     serve_environment,
     write_report,
 )
-from serve_app.config import read_env_file
 
 LUA = LOADTESTS / "wrk_overload.lua"
 CPU_GROUPS = (*DEPLOYMENTS, "JobWorker", "other replicas", "HAProxy", "Ray other", "wrk")
-
-
-def serve_env_file(path: Path = ROOT / "configs" / "serve.env") -> dict[str, str]:
-    """The variables of configs/serve.env (what the README's run command sources)."""
-    return read_env_file(path)
 
 
 def cpu_group(pid: int, name: str) -> str:
@@ -344,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         config = serve_config(workdir, args.config.resolve())
         args.n_ids = build_example_artifacts(config).artifacts.n_entities
-        env = serve_environment(workdir, api_key) | serve_env_file()
+        env = serve_environment(workdir, api_key)  # configs/serve.env included
         with local_ray(env, namespace="bench_overload"):
             url = serve_app_up(config, ready_s=60)
             time.sleep(5)

@@ -43,6 +43,7 @@ from loadtests.launch import (
     wait_ready,
 )
 from loadtests.launch import set_nested as set_nested  # re-exported for the benchmarks
+from serve_app.config import read_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADTESTS = ROOT / "loadtests"
@@ -266,13 +267,15 @@ def new_api_key(prefix: str = "bench") -> str:
 
 
 def serve_environment(workdir: Path, api_key: str) -> dict[str, str]:
-    """Set before ray.init(): Ray's processes inherit it. Throughput-optimised HAProxy
-    mode, short ingress draining, the app's key and webhook secret, and HAProxy's files
-    and ports moved into ``workdir`` (keep it short: ``/tmp/xx_...``)."""
+    """Set before ray.init(): Ray's processes inherit it. ``configs/serve.env`` as the
+    README's run command gives it (throughput-optimised HAProxy mode and its settings),
+    shorter ingress draining, the app's key and webhook secret, and HAProxy's files and
+    ports moved into ``workdir`` (keep it short: ``/tmp/xx_...``)."""
     haproxy = workdir / "h"  # Serve adds a 56-char node id; HAProxy's socket path max is 97
     haproxy.mkdir(exist_ok=True)
     return {
         **THROUGHPUT_ENV,
+        **read_env_file(ROOT / "configs" / "serve.env"),
         # Ingress replicas otherwise drain for 30 s on shutdown.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
         "SERVE_APP_API_KEYS": api_key,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.errors import ConfigError
@@ -382,18 +383,15 @@ TUNING_BY_DEPLOYMENT: dict[str, type[_Settings]] = {
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """``KEY=VALUE`` lines (``#`` comments, optional quotes), as ``configs/serve.env`` has them.
+    """The variables of a shell env file such as ``configs/serve.env``.
 
     That file is the environment of the process that starts Ray (Ray Serve reads its
     throughput and HAProxy settings only from there); the README's run command sources it
     with the shell, and the tests, the benchmarks and ``serve-app k8s`` read it here.
+    python-dotenv parses it as the shell does, quoted multi-line values included.
     """
-    env: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            env[key.strip()] = value.strip().strip('"')
-    return env
+    with path.open() as env_file:  # a missing file is an error, not an empty environment
+        return {key: value or "" for key, value in dotenv_values(stream=env_file).items()}
 
 
 def read_serve_yaml(path: Path) -> dict[str, Any]:

@@ -351,7 +351,15 @@ for pid in $(chroot_pids); do
   if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = haproxy ]; then haproxy_pids+="$pid "; fi
 done
 if [ -n "$haproxy_pids" ]; then
-  check haproxy ok "pid ${haproxy_pids% }"
+  # configs/serve.env reached Ray through the image's CMD: its two-line HAProxy setting is
+  # in the config HAProxy runs with (the path after -f, inside the image's root).
+  first=${haproxy_pids%% *}
+  cfg=$(tr '\0' '\n' < "/proc/$first/cmdline" | grep -A1 -x -e -f | tail -n1)
+  if grep -q -x '    option http-buffer-request' "$ROOTFS$cfg" 2>/dev/null; then
+    check haproxy ok "pid ${haproxy_pids% }, $cfg has option http-buffer-request"
+  else
+    check haproxy FAIL "pid ${haproxy_pids% }: no option http-buffer-request in $cfg"
+  fi
 else
   check haproxy FAIL "no haproxy process"
 fi

@@ -7,16 +7,13 @@ ingress replica died before answering (``RAY_SERVE_HAPROXY_RETRY_ON`` in
 ``configs/serve.env``). A killed JobWorker's job is claimed again when its lease expires
 (3 s here) and only its unfinished items run.
 
-Asserted: zero failed predictions after the JobWorker, Model and FeatureFetcher kills;
-the job succeeds with every item exactly once. After the Ingress kill a few requests
-(1-3 of ~2,000 in the runs of 2026-11-28/30) are closed by HAProxy without an answer
-("Server disconnected without sending a response"): HAProxy resends the other requests
-that were in flight on the killed replica, but closes one connection unanswered and
-unlogged (README, "Replicas that die"; HAProxy's reloads are not the cause). A known, open
-limitation, bounded here by ``MAX_FAILED_AFTER_INGRESS_KILL`` so that it cannot grow
-unnoticed. The recovery times
-are printed (``-s``), not asserted, apart from a generous bound that catches a stall
-(a 10x regression), not a slow machine.
+Asserted: zero failed predictions through all four kills; the job succeeds with every
+item exactly once. HAProxy can resend a request only if it holds the whole request, which
+``option http-buffer-request`` (``configs/serve.env``) ensures: before it, 1-3 requests
+of ~2,000 whose body came in a second packet were closed unanswered after the Ingress
+kill (README, "Replicas that die"). The recovery times are printed (``-s``), not
+asserted, apart from a generous bound that catches a stall (a 10x regression), not a slow
+machine.
 """
 
 from __future__ import annotations
@@ -43,7 +40,6 @@ CLIENT_THREADS = 6
 PAUSE_S = 0.01  # between one client's requests: steady, well below capacity
 JOB_ITEMS = 20_000
 STALL_BOUND_S = 30.0  # a generous bound: a healthy recovery takes a few seconds
-MAX_FAILED_AFTER_INGRESS_KILL = 5  # open limitation; see the module docstring
 
 
 @dataclass
@@ -222,12 +218,7 @@ def test_killing_any_one_replica_fails_no_prediction_and_loses_no_job_item(
     for deployment, figures in report.items():
         print(f"  SIGKILL {deployment:15} " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
 
-    after_ingress_kill = [f for f in load.failures if f.startswith("after SIGKILL Ingress:")]
-    others = [f for f in load.failures if f not in after_ingress_kill]
-    assert others == [], others[:10]
-    assert len(after_ingress_kill) <= MAX_FAILED_AFTER_INGRESS_KILL, after_ingress_kill
-    for failure in after_ingress_kill:  # the known failure, nothing else (no 500, no 503)
-        assert "Server disconnected without sending a response" in failure, failure
+    assert load.failures == [], load.failures[:10]
 
     deadline = time.monotonic() + 120
     while (job := job_progress(serve_app, job_id))["state"] not in ("succeeded", "failed"):

@@ -1,3 +1,6 @@
+import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ from serve_app.config import (
     IngressTuning,
     ModelTuning,
     load_app_config,
+    read_env_file,
     sqlite_path,
 )
 from serve_app.deployments.model import MAX_CONCURRENT_BATCHES
@@ -114,3 +118,30 @@ def test_sqlite_path_is_parsed_in_one_place() -> None:
     assert sqlite_path("sqlite:///var/x.db") == Path("var/x.db")
     assert sqlite_path("sqlite:////abs/x.db") == Path("/abs/x.db")
     assert sqlite_path("http://store:8080") is None
+
+
+def test_serve_env_reads_as_the_shell_reads_it() -> None:
+    """configs/serve.env is sourced by the README's run command and the image's CMD, and
+    read by read_env_file for the tests, benchmarks and `serve-app k8s`: both must agree,
+    multi-line values included."""
+    path = ROOT / "configs" / "serve.env"
+    script = (
+        'set -a; . "$1"; set +a; python3 -c "import json, os; print(json.dumps(dict(os.environ)))"'
+    )
+    shell = json.loads(
+        subprocess.run(
+            ["bash", "-c", script, "bash", str(path)],
+            env={"PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    parsed = read_env_file(path)
+    assert parsed == {key: shell[key] for key in parsed}
+    assert "\n    option http-buffer-request" in parsed["RAY_SERVE_HAPROXY_RETRY_ON"]
+
+
+def test_a_missing_env_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_env_file(tmp_path / "serve.env")
