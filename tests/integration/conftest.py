@@ -17,7 +17,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,11 @@ def load_test_config(workdir: Path, port: int) -> dict[str, Any]:
     return config
 
 
+def _deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The entry of deployment ``name`` in a Serve config."""
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == name)
+
+
 def deploy(config: dict[str, Any], timeout_s: float = 180) -> None:
     deploy_config(config, timeout_s)
 
@@ -171,32 +176,38 @@ class ServeApp:
             time.sleep(0.5)
 
     @contextmanager
-    def one_replica(self, deployment: str) -> Iterator[None]:
-        """``deployment`` at one replica for the block, then as configured again.
+    def replicas(self, deployment: str, count: int) -> Iterator[None]:
+        """``deployment`` at exactly ``count`` replicas for the block, then as before.
 
-        For counters that one ``/v1/stats`` call must see whole: Serve routes each call to
-        a replica of its choosing (with two idle replicas it may pick the same one every
-        time). A replica-count change is a light config update: the replica that stays
-        keeps its process and counters.
+        A replica-count change is a light config update: the replicas that stay keep their
+        processes and counters. Already at ``count``: nothing to change, nothing to wait.
         """
-        original = copy.deepcopy(self.config)
         wanted = self.stable_replicas(deployment)
+        if wanted == count:
+            yield
+            return
+        original = copy.deepcopy(self.config)
 
-        def scale_to_one(config: dict[str, Any]) -> None:
+        def scale(config: dict[str, Any]) -> None:
             for entry in config["applications"][0]["deployments"]:
                 if entry["name"] == deployment:
                     scaling = entry.setdefault("autoscaling_config", {})
-                    scaling.update(min_replicas=1, max_replicas=1)
+                    scaling.update(min_replicas=count, max_replicas=count)
                     scaling.pop("initial_replicas", None)
 
-        self.redeploy(scale_to_one)
+        self.redeploy(scale)
         try:
-            self.wait_for_replicas(deployment, 1)
+            self.wait_for_replicas(deployment, count)
             yield
         finally:
             deploy(original)
             self.config = original
             self.wait_for_replicas(deployment, wanted)
+
+    def one_replica(self, deployment: str) -> AbstractContextManager[None]:
+        """One replica of ``deployment``: for counters that one ``/v1/stats`` call must see
+        whole (Serve routes each call to a replica of its choosing)."""
+        return self.replicas(deployment, 1)
 
 
 @pytest.fixture(scope="session")
@@ -226,6 +237,12 @@ def ray_cluster() -> Iterator[None]:
 def serve_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> ServeApp:
     workdir = tmp_path_factory.mktemp("serve_app")
     config = load_test_config(workdir, free_port())
+    # One Model replica for the session: the tests that count the Model's batches in
+    # /v1/stats need one, and scaling 2 -> 1 -> 2 around each of them cost minutes of CI.
+    # The chaos test scales it to configs/config.yaml's two for its kills.
+    set_nested(_deployment(config, "Model"), "autoscaling_config.min_replicas", 1)
+    set_nested(_deployment(config, "Model"), "autoscaling_config.max_replicas", 1)
+    _deployment(config, "Model")["autoscaling_config"].pop("initial_replicas", None)
     deploy(config)
     app = ServeApp(config, workdir)
     wait_ready(app.base_url)

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+import yaml
 
-from tests.integration.conftest import APP_NAME, ServeApp
+from tests.integration.conftest import APP_NAME, ROOT, ServeApp
 
 pytestmark = [pytest.mark.integration]
 
@@ -40,6 +41,13 @@ CLIENT_THREADS = 6
 PAUSE_S = 0.01  # between one client's requests: steady, well below capacity
 JOB_ITEMS = 20_000
 STALL_BOUND_S = 30.0  # a generous bound: a healthy recovery takes a few seconds
+MODEL_REPLICAS = next(  # as configs/config.yaml runs it (the session's app runs one)
+    d["autoscaling_config"]["min_replicas"]
+    for d in yaml.safe_load((ROOT / "configs" / "config.yaml").read_text())["applications"][0][
+        "deployments"
+    ]
+    if d["name"] == "Model"
+)
 
 
 @dataclass
@@ -194,6 +202,11 @@ def all_results(app: ServeApp, job_id: str) -> list[dict]:
 def test_killing_any_one_replica_fails_no_prediction_and_loses_no_job_item(
     serve_app: ServeApp,
 ) -> None:
+    with serve_app.replicas("Model", MODEL_REPLICAS):  # the session runs one
+        _kill_one_of_each(serve_app)
+
+
+def _kill_one_of_each(serve_app: ServeApp) -> None:
     items = [
         {"entity_id": f"E{i % 100_000:07d}", "context": {"amount": i}} for i in range(JOB_ITEMS)
     ]

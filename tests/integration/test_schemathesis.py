@@ -20,7 +20,7 @@ from tests.integration.conftest import API_KEY, ServeApp
 
 pytestmark = pytest.mark.integration
 
-BUDGET_S = 150
+BUDGET_S = 90
 
 # One documented exception. A callback URL must resolve to a public address on an allowed
 # port (README, Security), which no JSON Schema can say: a schema-valid ``callback_url``
