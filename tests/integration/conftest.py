@@ -113,9 +113,16 @@ def load_test_config(workdir: Path, port: int) -> dict[str, Any]:
     return config
 
 
-def _deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
+def deployment_entry(config: dict[str, Any], name: str) -> dict[str, Any]:
     """The entry of deployment ``name`` in a Serve config."""
     return next(d for d in config["applications"][0]["deployments"] if d["name"] == name)
+
+
+def pin_replicas(config: dict[str, Any], name: str, count: int) -> None:
+    """Deployment ``name`` at exactly ``count`` replicas (autoscaling bounds both ``count``)."""
+    scaling = deployment_entry(config, name).setdefault("autoscaling_config", {})
+    scaling.update(min_replicas=count, max_replicas=count)
+    scaling.pop("initial_replicas", None)
 
 
 def deploy(config: dict[str, Any], timeout_s: float = 180) -> None:
@@ -187,15 +194,7 @@ class ServeApp:
             yield
             return
         original = copy.deepcopy(self.config)
-
-        def scale(config: dict[str, Any]) -> None:
-            for entry in config["applications"][0]["deployments"]:
-                if entry["name"] == deployment:
-                    scaling = entry.setdefault("autoscaling_config", {})
-                    scaling.update(min_replicas=count, max_replicas=count)
-                    scaling.pop("initial_replicas", None)
-
-        self.redeploy(scale)
+        self.redeploy(lambda config: pin_replicas(config, deployment, count))
         try:
             self.wait_for_replicas(deployment, count)
             yield
@@ -240,9 +239,7 @@ def serve_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Se
     # One Model replica for the session: the tests that count the Model's batches in
     # /v1/stats need one, and scaling 2 -> 1 -> 2 around each of them cost minutes of CI.
     # The chaos test scales it to configs/config.yaml's two for its kills.
-    set_nested(_deployment(config, "Model"), "autoscaling_config.min_replicas", 1)
-    set_nested(_deployment(config, "Model"), "autoscaling_config.max_replicas", 1)
-    _deployment(config, "Model")["autoscaling_config"].pop("initial_replicas", None)
+    pin_replicas(config, "Model", 1)
     deploy(config)
     app = ServeApp(config, workdir)
     wait_ready(app.base_url)

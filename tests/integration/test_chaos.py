@@ -33,7 +33,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import APP_NAME, ROOT, ServeApp
+from tests.integration.conftest import APP_NAME, ROOT, ServeApp, deployment_entry
 
 pytestmark = [pytest.mark.integration]
 
@@ -41,13 +41,9 @@ CLIENT_THREADS = 6
 PAUSE_S = 0.01  # between one client's requests: steady, well below capacity
 JOB_ITEMS = 20_000
 STALL_BOUND_S = 45.0  # generous: a healthy recovery takes 0-8 s here, twice that in CI
-MODEL_REPLICAS = next(  # as configs/config.yaml runs it (the session's app runs one)
-    d["autoscaling_config"]["min_replicas"]
-    for d in yaml.safe_load((ROOT / "configs" / "config.yaml").read_text())["applications"][0][
-        "deployments"
-    ]
-    if d["name"] == "Model"
-)
+MODEL_REPLICAS = deployment_entry(  # as configs/config.yaml runs it (the session runs one)
+    yaml.safe_load((ROOT / "configs" / "config.yaml").read_text()), "Model"
+)["autoscaling_config"]["min_replicas"]
 
 
 @dataclass

@@ -31,7 +31,7 @@ def _defaults_section(config: str) -> list[str]:
     return [line.strip() for line in lines[start:end]]
 
 
-def _head(serve_app: ServeApp, length: int) -> bytes:
+def _head(length: int) -> bytes:
     return (
         f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
@@ -72,7 +72,7 @@ def test_serve_env_haproxy_lines_are_in_haproxys_defaults(serve_app: ServeApp) -
 def test_a_body_sent_after_a_pause_is_answered(serve_app: ServeApp) -> None:
     """HAProxy waits for a body that comes in a later packet (it holds the request whole)."""
     with _connect(serve_app) as sock:
-        sock.sendall(_head(serve_app, len(BODY)))
+        sock.sendall(_head(len(BODY)))
         time.sleep(0.5)
         sock.sendall(BODY)
         assert _read_status_line(sock) == "HTTP/1.1 200 OK"
@@ -82,7 +82,7 @@ def test_a_request_stalled_mid_body_gets_408(serve_app: ServeApp) -> None:
     """A slow client cannot hold a connection: 408 once `timeout http-request` (10 s) ends."""
     with _connect(serve_app) as sock:
         began = time.monotonic()
-        sock.sendall(_head(serve_app, len(BODY)) + BODY[:5])
+        sock.sendall(_head(len(BODY)) + BODY[:5])
         status = _read_status_line(sock)
         waited = time.monotonic() - began
     print(f"\nstalled request answered {status!r} after {waited:.1f} s")

@@ -34,6 +34,7 @@ from tests.integration.conftest import (
     WEBHOOK_SECRET,
     free_port,
     load_test_config,
+    pin_replicas,
     wait_ready,
 )
 
@@ -109,8 +110,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     for deployment in config["applications"][0]["deployments"]:
         # One replica each: what is watched here does not depend on the count, and on 2
         # cores every replica started costs the run seconds of CPU (the chaos test keeps two).
-        deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-        deployment["autoscaling_config"].pop("initial_replicas", None)
+        pin_replicas(config, deployment["name"], 1)
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     dashboard_port = free_port()
