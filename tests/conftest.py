@@ -11,12 +11,21 @@ from serve_app.offline.artifacts import build_artifacts
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run tests that start their own Ray first, before the session cluster exists.
+    """Run tests that start their own Ray first, before the session cluster exists, and
+    the image test last.
 
     A second local cluster would share the 2 cores, and `ray.init()` inside `serve run`
-    could attach to the session's cluster instead of starting its own.
+    could attach to the session's cluster instead of starting its own. The image's build
+    starts in the background at collection (tests/image/conftest.py): the later its test
+    comes, the more of the build is done when it starts.
     """
-    items.sort(key=lambda item: 0 if item.get_closest_marker("own_ray") else 1)
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("own_ray"):
+            return 0
+        return 2 if item.get_closest_marker("slow") else 1
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")

@@ -67,8 +67,7 @@ from serve_app.logs import current_request_id, route_to_serve_logs, tag_request_
 from serve_app.metrics import IngressMetrics
 from serve_app.scoring.answers import Answers, score_batch, score_one
 from serve_app.scoring.coalescer import Coalescer
-from serve_app.scoring.items import Item, ItemResult, item_key, unique_items
-from serve_app.scoring.scorer import ModelAnswer
+from serve_app.scoring.items import Item, ItemResult, ModelAnswer, item_key, unique_items
 
 logger = logging.getLogger("serve_app.ingress")
 

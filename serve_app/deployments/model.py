@@ -24,8 +24,8 @@ from serve_app.config import ModelTuning
 from serve_app.logs import batch_request_ids, route_to_serve_logs, tag_request_ids
 from serve_app.metrics import ModelMetrics
 from serve_app.scoring.artifact import load_artifact
-from serve_app.scoring.items import Item, entity_ids, unique_items
-from serve_app.scoring.scorer import ModelAnswer, Scorer, flatten, split_by_call
+from serve_app.scoring.items import Item, ModelAnswer, entity_ids, unique_items
+from serve_app.scoring.scorer import Scorer, flatten, split_by_call
 from serve_app.stores.base import FeatureLookup
 
 _DEFAULTS = ModelTuning()

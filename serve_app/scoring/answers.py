@@ -18,8 +18,15 @@ from typing import Any
 
 from serve_app.cache import PredictionCache
 from serve_app.errors import InvalidInput, error_for_item
-from serve_app.scoring.items import Item, ItemKey, ItemResult, is_error, item_key, unique_items
-from serve_app.scoring.scorer import ModelAnswer
+from serve_app.scoring.items import (
+    Item,
+    ItemKey,
+    ItemResult,
+    ModelAnswer,
+    is_error,
+    item_key,
+    unique_items,
+)
 
 Answer = dict[str, Any]
 ModelCall = Callable[[list[Item]], Awaitable[ModelAnswer]]

@@ -14,6 +14,10 @@ from typing import Any
 Item = dict[str, Any]
 ItemResult = dict[str, Any]
 ItemKey = tuple[Any, ...]
+# What the Model answers one call: {"model_version": str, "results": [ItemResult, ...]}.
+# Here, not in scorer.py, so that the Ingress and the JobWorker can name it without
+# importing the scorer (pandas, scikit-learn: seconds of CPU at every replica start).
+ModelAnswer = dict[str, Any]
 
 
 def item_key(item: Item) -> ItemKey:

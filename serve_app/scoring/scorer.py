@@ -19,10 +19,15 @@ from typing import Any
 from serve_app.scoring.artifact import LoadedModel
 from serve_app.scoring.direct_encoding import DirectEncoder, direct_encoder
 from serve_app.scoring.features import build_frame
-from serve_app.scoring.items import Item, ItemKey, ItemResult, error_result, item_key
+from serve_app.scoring.items import (
+    Item,
+    ItemKey,
+    ItemResult,
+    ModelAnswer,
+    error_result,
+    item_key,
+)
 from serve_app.stores.base import FeatureLookup, FeatureRow
-
-ModelAnswer = dict[str, Any]  # {"model_version": str, "results": [ItemResult, ...]}
 
 
 def flatten(calls: Sequence[Sequence[Item]]) -> list[Item]:

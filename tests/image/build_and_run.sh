@@ -16,7 +16,8 @@
 # Environment: SERVE_APP_IMAGE, SERVE_APP_BASE_IMAGE (a bookworm base with python3 and
 # python3-venv; made if missing), DEBIAN_MIRROR, DEBIAN_SECURITY_MIRROR, START_TIMEOUT_S,
 # STOP_TIMEOUT_S, MAX_OWN_LAYERS_MB, RAY_START_WAIT_S (Ray's raylet start wait; this machine
-# may be shared and loaded), LOG_DIR (where logs are kept when a run fails).
+# may be shared and loaded), LOG_DIR (where logs are kept when a run fails), BUILD_ONLY=1 (make
+# the base and the image, then stop: tests/image/conftest.py starts that early in a test run).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -167,6 +168,10 @@ podman build --isolation=chroot --network=host --format=docker --layers \
   || { tail -n 40 "$WORK/build.log"; die "podman build failed"; }
 BUILD_S=$(elapsed "$t0" "$(now)")
 log "built in $BUILD_S s"
+if [ "${BUILD_ONLY:-0}" = 1 ]; then
+  echo "BUILT $IMAGE in $BUILD_S s"
+  exit 0
+fi
 
 image_bytes=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 base_bytes=$(podman image inspect --format '{{.Size}}' "$BASE_IMAGE")

@@ -1,7 +1,8 @@
 """The Docker image, built and run end to end on this machine (tests/image/build_and_run.sh).
 
 Slow (a cold build about 2-4 minutes, then start, calls, stop; about 1 minute with the build
-cached) and needs root, podman and mmdebstrap (the script installs them with apt-get).
+cached) and needs root, podman and mmdebstrap (the script installs them with apt-get). The
+build starts early, in the background, when the run collects this test (conftest.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.image.conftest import EarlyBuild
 
 SCRIPT = Path(__file__).resolve().parent / "build_and_run.sh"
 CHECKS = (
@@ -35,11 +38,13 @@ CHECKS = (
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_image_builds_runs_and_stops() -> None:
+def test_image_builds_runs_and_stops(early_build: EarlyBuild | None) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (podman build, chroot, mount)")
     if shutil.which("apt-get") is None and shutil.which("podman") is None:
         pytest.skip("needs podman, or apt-get to install it")
+    if early_build is not None:  # whatever it did, the run below builds (cached or not)
+        print(early_build.wait(timeout_s=1200))
     done = subprocess.run(
         ["bash", str(SCRIPT)], capture_output=True, text=True, timeout=1700, check=False
     )

@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     SERVE_ENV,
     free_port,
     load_test_config,
+    pin_replicas,
     serve_env_file,
     wait_ready,
 )
@@ -41,6 +42,10 @@ def session_processes(sid: int) -> list[int]:
 
 def test_serve_run_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     config = load_test_config(tmp_path, free_port())
+    for deployment in config["applications"][0]["deployments"]:
+        # One replica each: starting and stopping is what is tested here, and on 2 cores
+        # each replica more costs seconds of CPU at start (the chaos test keeps two).
+        pin_replicas(config, deployment["name"], 1)
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}

@@ -1,6 +1,6 @@
 """A CI-sized run of the autoscaling load test (the README's command, the spike shape).
 
-The spike runs at full length (35 s at 64 users). Halved (18 s), it was too short in CI
+The spike's burst runs at full length (35 s at 64 users). Halved (18 s), it was too short in CI
 on 2026-12-01: Serve decided to scale the Ingress 1 -> 4 and the Model 1 -> 2 about 10 s
 into the spike, but on that loaded machine the new replicas needed more than 25 s to start
 and were cancelled by the scale-down before they ran (the controller's log), so the

@@ -81,6 +81,39 @@ def test_replicas_never_import_offline_code() -> None:
     assert len(deployments) == 4
 
 
+def _loaded_at_import(module: str) -> set[str]:
+    """Every module that importing ``module`` loads, by reading the import statements at
+    module level (not inside functions) of serve_app's files: no interpreter needed."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for prefix in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+            if prefix in seen:
+                continue
+            seen.add(prefix)
+            path = PACKAGE.parent.joinpath(*prefix.split("."))
+            source = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+            if not prefix.startswith("serve_app") or not source.exists():
+                continue
+            for node in ast.parse(source.read_text()).body:
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    todo.append(node.module)
+                    todo += [f"{node.module}.{alias.name}" for alias in node.names]
+                elif isinstance(node, ast.Import):
+                    todo += [alias.name for alias in node.names]
+    return seen
+
+
+@pytest.mark.parametrize("deployment", ["ingress", "feature_fetcher", "job_worker"])
+def test_only_the_model_replica_imports_scikit_learn(deployment: str) -> None:
+    """scikit-learn costs about 3 s of CPU per import: every replica start (autoscaling, a
+    crashed replica's replacement) of a deployment that never scores would pay it."""
+    assert "sklearn" not in _loaded_at_import(f"serve_app.deployments.{deployment}")
+    assert "sklearn" in _loaded_at_import("serve_app.deployments.model")  # the probe sees it
+
+
 def test_keygen_does_not_import_ray_fastapi_or_sklearn(tmp_path: Path) -> None:
     config = PACKAGE.parent / "configs" / "config.yaml"
     code = f"from serve_app.offline import cli\ncli.main(['keygen', '--config', {str(config)!r}])"
