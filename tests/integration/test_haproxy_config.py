@@ -1,23 +1,32 @@
 """The HAProxy lines of ``configs/serve.env`` reach HAProxy, and do what they are there for.
 
-Ray 2.60 has no variable for them: ``RAY_SERVE_HAPROXY_RETRY_ON`` is written verbatim
-into HAProxy's ``defaults`` section, so its extra lines become HAProxy settings. If a Ray
-upgrade starts quoting that value (or HAProxy refuses it), these tests say so first:
+Ray 2.60 has no variable for them: ``RAY_SERVE_HAPROXY_RETRY_ON`` and
+``RAY_SERVE_HAPROXY_BALANCE_ALGORITHM`` are written verbatim into HAProxy's ``defaults``
+section, so their extra lines become HAProxy settings. If a Ray upgrade starts quoting
+those values, moves them, or HAProxy refuses them, these tests say so first:
 
 * ``option http-buffer-request``: HAProxy holds a request whole before forwarding it, so
   it can resend it when the ingress replica dies (tests/integration/test_chaos.py kills
   one under load and allows no failed request);
-* ``timeout http-request 10s``: a client that stalls inside a request gets a 408.
+* ``timeout http-request 10s``: a client that stalls inside a request gets a 408;
+* ``default-server maxconn``, ``timeout queue`` and ``http-error status 503``: what does
+  not fit in the ingress replicas waits in HAProxy's queue, briefly, then gets a JSON 503
+  with ``Retry-After`` from HAProxy itself; the ``http-error`` line must come after Ray's
+  ``errorfile 503`` (which turns it into a bare 500), so the order is checked too.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
+import statistics
 import time
 
+import httpx
 import pytest
 
-from tests.integration.conftest import API_KEY, HAPROXY_DIR, ServeApp
+from tests.integration.conftest import API_KEY, HAPROXY_DIR, ServeApp, serve_env_file
 
 pytestmark = pytest.mark.integration
 
@@ -61,12 +70,19 @@ def test_serve_env_haproxy_lines_are_in_haproxys_defaults(serve_app: ServeApp) -
     assert configs, f"no haproxy.cfg under {HAPROXY_DIR}"
     for path in configs:
         defaults = _defaults_section(path.read_text())
+        shedding = serve_env_file()["RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"].splitlines()
         for line in (
             "retry-on conn-failure empty-response",
             "option http-buffer-request",
             "timeout http-request 10s",
+            *(f"balance {shedding[0]}", *(extra.strip() for extra in shedding[1:])),
         ):
             assert line in defaults, f"{line!r} not in the defaults of {path}: {defaults}"
+        ours = next(
+            i for i, line in enumerate(defaults) if line.startswith("http-error status 503")
+        )
+        rays = [i for i, line in enumerate(defaults) if line.startswith("errorfile 503")]
+        assert all(i < ours for i in rays), f"Ray's errorfile 503 comes after ours: {defaults}"
 
 
 def test_a_body_sent_after_a_pause_is_answered(serve_app: ServeApp) -> None:
@@ -88,3 +104,81 @@ def test_a_request_stalled_mid_body_gets_408(serve_app: ServeApp) -> None:
     print(f"\nstalled request answered {status!r} after {waited:.1f} s")
     assert status.startswith("HTTP/1.1 408"), status
     assert 8 <= waited <= 25, waited
+
+
+async def _burst(serve_app: ServeApp, requests: int) -> list[tuple[httpx.Response, float]]:
+    """``requests`` predictions on their own connections, all opened first and then sent at
+    the same moment, so that each time is the server's (send to last byte), not the
+    client's connection set-up."""
+    port = int(serve_app.base_url.rsplit(":", 1)[1])
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(requests)]
+
+    async def one(i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        body = json.dumps({"entity_id": f"E{(7_919 * i) % 100_000:07d}"}).encode()
+        head = (
+            f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            f"Authorization: {serve_app.auth['Authorization']}\r\n"
+            f"X-Request-ID: burst-{i}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        began = time.perf_counter()
+        writer.write(head + body)
+        raw = await reader.read()  # Connection: close, so the answer ends at EOF
+        took = time.perf_counter() - began
+        writer.close()
+        return _parse(raw), took
+
+    return await asyncio.gather(*(one(i, *pair) for i, pair in enumerate(connections)))
+
+
+def _parse(raw: bytes) -> httpx.Response:
+    """An HTTP/1.1 answer read off a socket, as an httpx.Response (for its accessors)."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = [tuple(part.strip() for part in line.split(":", 1)) for line in lines]
+    if dict((k.lower(), v) for k, v in headers).get("transfer-encoding") == "chunked":
+        body = _dechunk(body)
+    return httpx.Response(int(status_line.split()[1]), headers=headers, content=body)
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size, _, rest = body.partition(b"\r\n")
+        length = int(size.split(b";")[0], 16)
+        if length == 0:
+            break
+        out, body = out + rest[:length], rest[length + 2 :]
+    return out
+
+
+def test_haproxy_refuses_what_does_not_fit_with_a_json_503(serve_app: ServeApp) -> None:
+    """A burst far above the ingress replicas' slots: the excess waits in HAProxy's queue,
+    then gets HAProxy's own 503 (no Python ran for it), JSON like the app's, with
+    ``Retry-After``, within about ``timeout queue``; everything else is answered."""
+    answers = asyncio.run(_burst(serve_app, 600))
+    statuses = sorted({response.status_code for response, _ in answers})
+    assert statuses == [200, 503], statuses
+    by_balancer = [
+        (response, took)
+        for response, took in answers
+        if response.status_code == 503
+        and response.json()["error"].get("details", {}).get("refused_by") == "load balancer"
+    ]
+    shed = [response for response, _ in answers if response.status_code == 503]
+    print(f"\nburst of 600: {len(answers) - len(shed)} answered, {len(shed)} refused, "
+          f"{len(by_balancer)} of them by HAProxy, slowest such refusal "
+          f"{max((took for _, took in by_balancer), default=0) * 1000:.0f} ms")  # fmt: skip
+    assert by_balancer, "HAProxy refused nothing: its queue limit did not act"
+    for response in shed:
+        assert response.headers["Retry-After"].isdigit(), response.headers
+        assert int(response.headers["Retry-After"]) >= 1
+        assert response.json()["error"]["code"] == "overloaded", response.text
+    for response, _ in by_balancer:  # HAProxy echoes the caller's id, JSON-escaped
+        assert response.headers["X-Request-ID"].startswith("burst-"), response.headers
+        assert response.json()["request_id"] == response.headers["X-Request-ID"]
+    # `timeout queue` is 50 ms; one client event loop reads all 600 answers, so the bound
+    # is on the median and generous: it catches a 10x regression, not a few ms.
+    assert statistics.median(took for _, took in by_balancer) < 0.5
+    after = serve_app.client.post("/v1/predict", json={"entity_id": "E0090001"})
+    assert after.status_code == 200, after.text
