@@ -65,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python loadtests
 
 from loadtests.harness import (
     APP_NAME,
+    CONFIG_YAML,
     LOADTESTS,
     ROOT,
     SERVE_CPU_GROUPS,
@@ -825,6 +826,12 @@ def others_cores(row: Result) -> float:
     return max(0.0, row.cpu.get("machine", 0.0) - row.cores - row.cpu.get("wrk", 0.0))
 
 
+def _shown_path(path: Path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(resolved)
+
+
 def report(
     loads: Sequence[Load],
     rows: Sequence[Result],
@@ -878,7 +885,8 @@ def report(
             else "LitServe's default (= inference workers, 4)"
         )
         + "; each LitServe batch: one look-up + one `predict_proba` for all its items.",
-        "- serve_app: `configs/config.yaml` on a local Ray (2 CPUs), HAProxy throughput mode; "
+        f"- serve_app: `{_shown_path(args.config)}` on a local Ray (2 CPUs), HAProxy "
+        "throughput mode; "
         "*feature cache off* = the same deployment reconfigured in place with the "
         "FeatureFetcher's `user_config: {cache_enabled: false}` (the peers have no cache).",
         "- cores used: user + system CPU time of all the server's processes / wall time "
@@ -942,6 +950,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--quiet-load", type=float, default=4.0, help="a 1-min load average from here is 'loaded'"
+    )
+    parser.add_argument(
+        "--config", type=Path, default=CONFIG_YAML, help="serve_app's Serve config to measure"
     )
     parser.add_argument("--out", type=Path, default=REPORT)
     return parser.parse_args(argv)
@@ -1029,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
     profiles: dict[str, dict[str, list[Path]]] = {}
     with tempfile.TemporaryDirectory(prefix="bq_", dir="/tmp") as tmp:  # short: socket paths
         workdir = Path(tmp)
-        config = serve_config(workdir)
+        config = serve_config(workdir, args.config.resolve())
         n_ids = build_example_artifacts(config).artifacts.n_entities
         items = check_items(n_ids)
         peer_rows, peer_facts = run_peers(args, loads, workdir, api_key, n_ids, items, seed)

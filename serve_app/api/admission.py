@@ -61,7 +61,7 @@ _LAG_PERIOD_S = 0.02
 _LAG_DECAY = 0.5
 MAX_RETRY_AFTER_S = 60
 # Below this many requests in flight nothing is refused: they all fit in the next list the
-# coalescer sends to the Model (its batches hold 128), so none waits behind the others;
+# coalescer sends to the Model (its lists hold far more), so none waits behind the others;
 # and a measurement from a handful of requests on a noisy machine is mostly jitter.
 MIN_INFLIGHT = 16
 

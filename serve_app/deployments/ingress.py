@@ -67,7 +67,7 @@ from serve_app.logs import current_request_id, route_to_serve_logs, tag_request_
 from serve_app.metrics import IngressMetrics
 from serve_app.scoring.answers import Answers, score_batch, score_one
 from serve_app.scoring.coalescer import Coalescer
-from serve_app.scoring.items import Item, ItemResult, ModelAnswer, item_key, unique_items
+from serve_app.scoring.items import Item, ItemResult, ModelAnswer, item_key
 
 logger = logging.getLogger("serve_app.ingress")
 
@@ -269,12 +269,21 @@ class Ingress:
         cache = self._answers.cache
         self._metrics.sync_prediction_cache(cache.hits, cache.misses)
 
-    async def _shared_prefetch(self, items: list[Item]) -> None:
-        """With a shared cache: copy other replicas' answers for these items first."""
+    async def _shared_prefetch(self, entries: list[Item | InvalidInput]) -> None:
+        """With a shared cache: copy other replicas' answers for these items first.
+
+        Invalid entries are skipped; duplicates cost nothing (one MGET of distinct keys).
+        """
         cache = self._answers.cache
         version = self._answers.version
         if isinstance(cache, SharedPredictionCache) and version is not None:
-            await cache.prefetch([(version, *item_key(item)) for item in items])
+            await cache.prefetch(
+                [
+                    (version, *item_key(entry))
+                    for entry in entries
+                    if not isinstance(entry, InvalidInput)
+                ]
+            )
 
     def _shared_flush(self) -> None:
         """With a shared cache: publish new answers in the background, off the request."""
@@ -369,9 +378,7 @@ class Ingress:
         check_item_count(len(raw_items), limit, " (use /v1/jobs for more)")
         entries = parse_items(raw_items)
         _mark_admitted()
-        await self._shared_prefetch(
-            unique_items(entry for entry in entries if not isinstance(entry, InvalidInput))
-        )
+        await self._shared_prefetch(entries)
         try:
             return await score_batch(entries, self._answers, self._submit_many)
         finally:

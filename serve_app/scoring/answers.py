@@ -25,7 +25,6 @@ from serve_app.scoring.items import (
     ModelAnswer,
     is_error,
     item_key,
-    unique_items,
 )
 
 Answer = dict[str, Any]
@@ -40,18 +39,21 @@ class Answers:
         self.cache = cache
         self.version: str | None = None  # the newest model version seen
 
-    def cached(self, item: Item) -> Answer | None:
-        hit = self.cache.get((self.version, *item_key(item)))
+    def cached(self, item: Item, key: ItemKey | None = None) -> Answer | None:
+        """The cached answer, or None; pass ``key`` when the caller has it already."""
+        hit = self.cache.get((self.version, *(key or item_key(item))))
         return None if hit is None else {**hit, "cached": True}
 
-    def record(self, item: Item, version: str, result: ItemResult) -> Answer:
+    def record(
+        self, item: Item, version: str, result: ItemResult, key: ItemKey | None = None
+    ) -> Answer:
         """The answer for a fresh result (cached unless degraded); errors pass through."""
         self.version = version
         if is_error(result):
             return result
         answer = {"entity_id": item["entity_id"], "model_version": version, "cached": False}
         answer.update(result)
-        self.cache.put((version, *item_key(item)), answer)
+        self.cache.put((version, *(key or item_key(item))), answer)
         return answer
 
 
@@ -70,21 +72,33 @@ async def score_one(item: Item, answers: Answers, submit: Submit) -> Answer:
 async def score_batch(
     entries: Sequence[Item | InvalidInput], answers: Answers, call_model: ModelCall
 ) -> dict[str, Any]:
-    """The ``/v1/predict/batch`` body: a result per entry, in order, and a summary."""
-    unique = unique_items(entry for entry in entries if not isinstance(entry, InvalidInput))
+    """The ``/v1/predict/batch`` body: a result per entry, in order, and a summary.
+
+    Each entry's key is computed once (it is the dedupe, cache and result key: computed
+    per use it was a fifth of this function's time for 32 items).
+    """
+    keys = [None if isinstance(entry, InvalidInput) else item_key(entry) for entry in entries]
+    unique: dict[ItemKey, Item] = {}
+    for entry, key in zip(entries, keys, strict=True):
+        if key is not None and not isinstance(entry, InvalidInput):
+            unique.setdefault(key, entry)
     by_key: dict[ItemKey, Answer] = {}
-    misses: list[Item] = []
-    for item in unique:
-        hit = answers.cached(item)
+    misses: list[tuple[ItemKey, Item]] = []
+    for key, item in unique.items():
+        hit = answers.cached(item, key)
         if hit is None:
-            misses.append(item)
+            misses.append((key, item))
         else:
-            by_key[item_key(item)] = hit
+            by_key[key] = hit
     if misses:
-        answer = await call_model(misses)
-        for item, result in zip(misses, answer["results"], strict=True):
-            by_key[item_key(item)] = answers.record(item, answer["model_version"], result)
-    results = [batch_result(index, entry, by_key) for index, entry in enumerate(entries)]
+        answer = await call_model([item for _, item in misses])
+        version = answer["model_version"]
+        for (key, item), result in zip(misses, answer["results"], strict=True):
+            by_key[key] = answers.record(item, version, result, key)
+    results = [
+        batch_result(index, entry, by_key, key)
+        for index, (entry, key) in enumerate(zip(entries, keys, strict=True))
+    ]
     failed = sum(1 for result in results if not result["ok"])
     return {
         "model_version": answers.version,
@@ -100,12 +114,15 @@ async def score_batch(
 
 
 def batch_result(
-    index: int, entry: Item | InvalidInput, by_key: dict[ItemKey, Answer]
+    index: int,
+    entry: Item | InvalidInput,
+    by_key: dict[ItemKey, Answer],
+    key: ItemKey | None = None,
 ) -> dict[str, Any]:
     """One entry of a batch response: a score, or this item's own error."""
     if isinstance(entry, InvalidInput):
         return {"index": index, "ok": False, "error": entry.to_dict()}
-    answer = by_key[item_key(entry)]
+    answer = by_key[key or item_key(entry)]
     if is_error(answer):
         return {"index": index, "ok": False, "entity_id": entry["entity_id"], **answer}
     return {
