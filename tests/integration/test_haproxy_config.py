@@ -177,7 +177,7 @@ def test_haproxy_refuses_what_does_not_fit_with_a_json_503(serve_app: ServeApp) 
         kept = _request_id(i)[:64]
         assert response.json()["request_id"] == kept, response.text
         assert response.headers["X-Request-ID"] == json.dumps(kept)[1:-1], response.headers
-    # `timeout queue` is 50 ms; one client event loop reads all 600 answers, so the bound
+    # `timeout queue` is 40 ms; one client event loop reads all 600 answers, so the bound
     # is on the median and generous: it catches a 10x regression, not a few ms.
     assert statistics.median(took for *_, took in by_balancer) < 0.5
     after = serve_app.client.post("/v1/predict", json={"entity_id": "E0090001"})
