@@ -86,9 +86,13 @@ def _user_config_change_applies_without_restart(serve_app: ServeApp) -> None:
 def test_a_burst_past_capacity_is_shed_with_503_and_retry_after(serve_app: ServeApp) -> None:
     """Admission by measured queueing delay, on the running app as configured.
 
-    96 batches of 1,000 distinct ids at once are seconds of work for 2 cores: the ingress
-    admits what it can answer within ``limits.max_queue_delay_s`` and refuses the rest at
-    once with 503, ``Retry-After`` and ``overloaded``; nothing gets a 500 or hangs, and a
+    Two waves of batches of 1,000 distinct ids (64, then 60 more 1.5 s later): seconds of
+    work for 2 cores, and fewer connections than HAProxy lets through (64 per replica),
+    so that what is refused is refused by the app. The first wave arrives at once, before
+    the ingress has measured anything about it (its drain rate is the one of the traffic
+    before), so it may be admitted whole; by the second, the ingress has measured how slowly the first
+    drains and refuses what it cannot answer within ``limits.max_queue_delay_s``, at once
+    with 503, ``Retry-After`` and ``overloaded``. Nothing gets a 500 or hangs, and a
     prediction right after the burst is answered. (The in-flight backstop behind it,
     ``limits.max_inflight_requests``, is unit-tested in tests/unit/test_admission.py.)
     """
@@ -99,15 +103,19 @@ def test_a_burst_past_capacity_is_shed_with_503_and_retry_after(serve_app: Serve
         with httpx.Client(base_url=serve_app.base_url, headers=serve_app.auth, timeout=60) as c:
             return c.post("/v1/predict/batch", json={"items": items})
 
-    with ThreadPoolExecutor(max_workers=96) as pool:
-        responses = list(pool.map(call, range(96)))
+    with ThreadPoolExecutor(max_workers=124) as pool:
+        first = [pool.submit(call, burst) for burst in range(64)]
+        time.sleep(1.5)
+        second = [pool.submit(call, burst) for burst in range(64, 124)]
+        responses = [future.result() for future in first + second]
     statuses = sorted(r.status_code for r in responses)
-    print(f"\nburst of 96 x 1,000 items: {statuses.count(200)} answered, "
+    print(f"\nburst of 124 x 1,000 items: {statuses.count(200)} answered, "
           f"{statuses.count(503)} refused")  # fmt: skip
     assert set(statuses) <= {200, 503}, statuses
     assert 200 in statuses and 503 in statuses, statuses
     for shed in (r for r in responses if r.status_code == 503):
         assert int(shed.headers["Retry-After"]) >= 1
         assert shed.json()["error"]["code"] == "overloaded", shed.text
+        assert "queue_delay_ms" in shed.json()["error"]["details"], shed.text  # the app's
     after = serve_app.client.post("/v1/predict", json={"entity_id": "E0090000"})
     assert after.status_code == 200, after.text
