@@ -39,31 +39,30 @@ class Answers:
         self.cache = cache
         self.version: str | None = None  # the newest model version seen
 
-    def cached(self, item: Item, key: ItemKey | None = None) -> Answer | None:
-        """The cached answer, or None; pass ``key`` when the caller has it already."""
-        hit = self.cache.get((self.version, *(key or item_key(item))))
+    def cached(self, key: ItemKey) -> Answer | None:
+        """The cached answer for an item's key (:func:`item_key`), or None."""
+        hit = self.cache.get((self.version, *key))
         return None if hit is None else {**hit, "cached": True}
 
-    def record(
-        self, item: Item, version: str, result: ItemResult, key: ItemKey | None = None
-    ) -> Answer:
+    def record(self, item: Item, key: ItemKey, version: str, result: ItemResult) -> Answer:
         """The answer for a fresh result (cached unless degraded); errors pass through."""
         self.version = version
         if is_error(result):
             return result
         answer = {"entity_id": item["entity_id"], "model_version": version, "cached": False}
         answer.update(result)
-        self.cache.put((version, *(key or item_key(item))), answer)
+        self.cache.put((version, *key), answer)
         return answer
 
 
 async def score_one(item: Item, answers: Answers, submit: Submit) -> Answer:
     """One item's answer, or the exception its error maps to (404, 503, ...)."""
-    hit = answers.cached(item)
+    key = item_key(item)
+    hit = answers.cached(key)
     if hit is not None:
         return hit
     version, result = await submit(item)
-    answer = answers.record(item, version, result)
+    answer = answers.record(item, key, version, result)
     if is_error(answer):
         raise error_for_item(answer["error"])
     return answer
@@ -77,15 +76,17 @@ async def score_batch(
     Each entry's key is computed once (it is the dedupe, cache and result key: computed
     per use it was a fifth of this function's time for 32 items).
     """
-    keys = [None if isinstance(entry, InvalidInput) else item_key(entry) for entry in entries]
+    keys: list[ItemKey | None] = []
     unique: dict[ItemKey, Item] = {}
-    for entry, key in zip(entries, keys, strict=True):
-        if key is not None and not isinstance(entry, InvalidInput):
-            unique.setdefault(key, entry)
+    for entry in entries:
+        key = None if isinstance(entry, InvalidInput) else item_key(entry)
+        keys.append(key)
+        if key is not None and key not in unique:
+            unique[key] = entry  # an Item: only invalid entries have no key
     by_key: dict[ItemKey, Answer] = {}
     misses: list[tuple[ItemKey, Item]] = []
     for key, item in unique.items():
-        hit = answers.cached(item, key)
+        hit = answers.cached(key)
         if hit is None:
             misses.append((key, item))
         else:
@@ -94,7 +95,7 @@ async def score_batch(
         answer = await call_model([item for _, item in misses])
         version = answer["model_version"]
         for (key, item), result in zip(misses, answer["results"], strict=True):
-            by_key[key] = answers.record(item, version, result, key)
+            by_key[key] = answers.record(item, key, version, result)
     results = [
         batch_result(index, entry, by_key, key)
         for index, (entry, key) in enumerate(zip(entries, keys, strict=True))
@@ -117,12 +118,13 @@ def batch_result(
     index: int,
     entry: Item | InvalidInput,
     by_key: dict[ItemKey, Answer],
-    key: ItemKey | None = None,
+    key: ItemKey | None,
 ) -> dict[str, Any]:
-    """One entry of a batch response: a score, or this item's own error."""
+    """One entry of a batch response: a score, or this item's own error (``key`` is the
+    entry's :func:`item_key`, None for an invalid entry)."""
     if isinstance(entry, InvalidInput):
         return {"index": index, "ok": False, "error": entry.to_dict()}
-    answer = by_key[key or item_key(entry)]
+    answer = by_key[key]  # type: ignore[index]  # an Item always has its key
     if is_error(answer):
         return {"index": index, "ok": False, "entity_id": entry["entity_id"], **answer}
     return {

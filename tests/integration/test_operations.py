@@ -90,9 +90,9 @@ def test_a_burst_past_capacity_is_shed_with_503_and_retry_after(serve_app: Serve
     work for 2 cores, and fewer connections than HAProxy lets through (64 per replica),
     so that what is refused is refused by the app. The first wave arrives at once, before
     the ingress has measured anything about it (its drain rate is the one of the traffic
-    before), so it may be admitted whole; by the second, the ingress has measured how slowly the first
-    drains and refuses what it cannot answer within ``limits.max_queue_delay_s``, at once
-    with 503, ``Retry-After`` and ``overloaded``. Nothing gets a 500 or hangs, and a
+    before), so it may be admitted whole; by the second, the ingress has measured how
+    slowly the first drains and refuses what it cannot answer within
+    ``limits.max_queue_delay_s``, at once with 503, ``Retry-After`` and ``overloaded``. Nothing gets a 500 or hangs, and a
     prediction right after the burst is answered. (The in-flight backstop behind it,
     ``limits.max_inflight_requests``, is unit-tested in tests/unit/test_admission.py.)
     """
