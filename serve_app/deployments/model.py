@@ -136,7 +136,7 @@ class Model:
             "replica": serve.get_replica_context().replica_id.unique_id,
             "pid": os.getpid(),
             "threads": self._threads,
-            "scoring_path": self._scorer.path,  # "direct" (numpy encoding) or "pipeline"
+            "scoring_path": self._scorer.path,  # "direct-trees", "direct" or "pipeline"
             "max_batch_size": self._score_batched._get_max_batch_size(),
             "batch_wait_timeout_s": self._score_batched._get_batch_wait_timeout_s(),
             **self._stats.snapshot(),

@@ -19,12 +19,18 @@ probe batch with missing rows, missing values and unknown categories, that the f
 estimator's output on the direct matrix equals the whole pipeline's output on the frame,
 bit for bit. Otherwise the Scorer keeps calling the pipeline. No library offers this: a
 compiled-model runtime (ONNX, treelite) would change the numbers, which this must not.
+
+Where the final estimator is a HistGradientBoostingClassifier, whose own predict_proba
+re-encodes its categorical columns on every call (:mod:`serve_app.scoring.boosted_trees`),
+the matrix is written in that internal encoding and handed to the trees directly: path
+``direct-trees``. It goes through the same probe check, and plain ``direct`` is the
+fall-back.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +39,7 @@ from sklearn.compose import ColumnTransformer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OrdinalEncoder
 
+from serve_app.scoring.boosted_trees import BoostedTrees, internal_layout
 from serve_app.scoring.features import (
     CATEGORICAL_FEATURES,
     CATEGORIES,
@@ -53,11 +60,18 @@ class _Column:
 
 
 class DirectEncoder:
-    """Rows -> the final estimator's input matrix, as the pipeline's column step makes it."""
+    """Rows -> the final estimator's input matrix, as the pipeline's column step makes it
+    (or as the estimator's own preprocessor would, for ``direct-trees``), then scores."""
 
-    def __init__(self, columns: Sequence[_Column], estimator: Any) -> None:
+    def __init__(
+        self,
+        columns: Sequence[_Column],
+        predict: Callable[[np.ndarray], np.ndarray],
+        path: str = "direct",
+    ) -> None:
         self._columns = tuple(columns)
-        self.estimator = estimator
+        self._predict = predict
+        self.path = path
 
     def matrix(
         self,
@@ -81,23 +95,56 @@ class DirectEncoder:
         entity_rows: Sequence[Mapping[str, Any] | None],
         request_rows: Sequence[Mapping[str, Any]],
     ) -> np.ndarray:
-        return np.asarray(self.estimator.predict_proba(self.matrix(entity_rows, request_rows)))
+        return np.asarray(self._predict(self.matrix(entity_rows, request_rows)))
 
 
 def direct_encoder(pipeline: Any) -> DirectEncoder | None:
-    """A :class:`DirectEncoder` for ``pipeline`` if it has the supported shape and the
-    probe batch scores identically through both paths; else ``None``."""
+    """The fastest :class:`DirectEncoder` for ``pipeline`` whose scores on the probe batch
+    equal the whole pipeline's; ``None`` if the shape is not supported or none is exact."""
     columns = _columns_of(pipeline)
     if columns is None:
         return None
-    encoder = DirectEncoder(columns, pipeline.steps[-1][1])
+    estimator = pipeline.steps[-1][1]
+    candidates = [DirectEncoder(columns, estimator.predict_proba)]
+    into_trees = _into_trees(columns, estimator)
+    if into_trees is not None:
+        candidates.insert(0, into_trees)
     entity_rows, request_rows = _probe_rows()
     try:
-        direct = encoder.predict_proba(entity_rows, request_rows)
         reference = np.asarray(pipeline.predict_proba(build_frame(entity_rows, request_rows)))
-    except Exception:  # any surprise means: not the shape we think it is
+    except Exception:  # the pipeline itself fails on the probe: leave it to the pipeline
         return None
-    return encoder if np.array_equal(direct, reference, equal_nan=True) else None
+    for encoder in candidates:
+        try:
+            direct = encoder.predict_proba(entity_rows, request_rows)
+        except Exception:  # any surprise means: not the shape we think it is
+            continue
+        if np.array_equal(direct, reference, equal_nan=True):
+            return encoder
+    return None
+
+
+def _into_trees(columns: Sequence[_Column], estimator: Any) -> DirectEncoder | None:
+    """Columns rearranged and re-coded as the estimator's internal preprocessor would,
+    scored by its trees directly; ``None`` where that layout is not known."""
+    layout = internal_layout(estimator)
+    if layout is None:
+        return None
+    internal: list[_Column] = []
+    for position, source in enumerate(layout.order):
+        column = columns[source]
+        if position in layout.recode:
+            if column.codes is None:  # a numeric input the trees treat as categorical
+                return None
+            recode = layout.recode[position]
+            codes = {v: recode[c] for v, c in column.codes.items() if c in recode}
+            column = _Column(column.name, column.from_entity, codes)
+        internal.append(column)
+    try:
+        trees = BoostedTrees(estimator)
+    except AttributeError:  # private attributes of another scikit-learn version
+        return None
+    return DirectEncoder(internal, trees.predict_proba, "direct-trees")
 
 
 def _columns_of(pipeline: Any) -> list[_Column] | None:

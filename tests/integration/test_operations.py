@@ -61,7 +61,7 @@ def _user_config_change_applies_without_restart(serve_app: ServeApp) -> None:
     defaults = ModelTuning()
     before = serve_app.stats()["model"]
     assert before["max_batch_size"] == defaults.max_batch_size
-    assert before["scoring_path"] == "direct"  # the example model takes the numpy path
+    assert before["scoring_path"] == "direct-trees"  # the example model: numpy into the trees
     serve_app.redeploy(_set_model_tuning(16, 0.002))
     try:
         deadline = time.monotonic() + 30
