@@ -348,7 +348,7 @@ class IngressTuning(_Settings):
         ge=1,
         le=4_096,
         description="Items per Ingress->Model call, at most. Large on purpose: most of a "
-        "Model call's cost is fixed (the hop, 200 trees walked per call), so batch requests "
+        "Model call's cost is fixed (the hop, the scorer's per-call work), so batch requests "
         "merged into calls of up to 1,024 items scored about 1.35x the items/s of 128 "
         "(1.19x for 128 -> 512, then 1.15x for 512 -> 1,024; loadtests/bench_tuning.py). Single predictions are capped lower anyway, by the "
         "Ingress's max_ongoing_requests.",
