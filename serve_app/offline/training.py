@@ -36,17 +36,21 @@ N_TRAIN_EVENTS = 60_000
 N_TEST_EVENTS = 20_000
 
 
-def make_pipeline(seed: int) -> Pipeline:
-    """Ordinal-encode categoricals (unknown and missing -> NaN), then a boosted tree ensemble."""
-    encoder = OrdinalEncoder(
+def category_encoder() -> OrdinalEncoder:
+    """The categorical columns' encoder: explicit categories; unknown and missing -> NaN."""
+    return OrdinalEncoder(
         categories=[list(CATEGORIES[name]) for name in CATEGORICAL_FEATURES],
         handle_unknown="use_encoded_value",
         unknown_value=np.nan,
         encoded_missing_value=np.nan,
     )
+
+
+def make_pipeline(seed: int) -> Pipeline:
+    """Ordinal-encode categoricals (unknown and missing -> NaN), then a boosted tree ensemble."""
     columns = ColumnTransformer(
         [
-            ("categorical", encoder, list(CATEGORICAL_FEATURES)),
+            ("categorical", category_encoder(), list(CATEGORICAL_FEATURES)),
             ("numeric", "passthrough", list(NUMERIC_FEATURES)),
         ],
         verbose_feature_names_out=False,

@@ -12,15 +12,15 @@ import pytest
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import OrdinalEncoder, StandardScaler
+from sklearn.preprocessing import StandardScaler
 
 from serve_app.config import AppConfig
+from serve_app.offline.training import category_encoder
 from serve_app.scoring.artifact import load_artifact
 from serve_app.scoring.boosted_trees import BoostedTrees, internal_layout
 from serve_app.scoring.direct_encoding import direct_encoder
 from serve_app.scoring.features import (
     CATEGORICAL_FEATURES,
-    CATEGORIES,
     NUMERIC_FEATURES,
     build_frame,
 )
@@ -140,14 +140,8 @@ def test_categorical_columns_last_are_rearranged_for_the_trees(
     last is rearranged, and its codes re-coded (here "store" never occurs in training, so
     its internal code differs from the outer one), then scored exactly."""
     numeric, categorical = list(NUMERIC_FEATURES), list(CATEGORICAL_FEATURES)
-    encoder = OrdinalEncoder(
-        categories=[list(CATEGORIES[name]) for name in categorical],
-        handle_unknown="use_encoded_value",
-        unknown_value=np.nan,
-        encoded_missing_value=np.nan,
-    )
     columns = ColumnTransformer(
-        [("numeric", "passthrough", numeric), ("categorical", encoder, categorical)],
+        [("numeric", "passthrough", numeric), ("categorical", category_encoder(), categorical)],
         verbose_feature_names_out=False,
     )
     trees = HistGradientBoostingClassifier(
