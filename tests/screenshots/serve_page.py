@@ -14,7 +14,9 @@ import argparse
 import base64
 import itertools
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -74,41 +76,83 @@ class _Cdp:
         self._ws.close()
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies, which write nothing, do not)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def _stop_group(browser: subprocess.Popen[bytes]) -> None:
+    """SIGTERM Chromium's whole process group, SIGKILL what is left after 10 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(browser.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            browser.poll()  # reap the leader
+            if not _group_alive(browser.pid):
+                break
+            time.sleep(0.1)
+        else:
+            continue
+        break
+    browser.poll()
+
+
+def _capture(port: int, dashboard: str, token: str, settle_s: float) -> tuple[Any, Any]:
+    """Open the Serve page over DevTools; return its visible text and a PNG screenshot."""
+    deadline = time.monotonic() + 30
+    pages: list[dict[str, Any]] = []
+    while not pages and time.monotonic() < deadline:
+        try:
+            targets = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
+            pages = [t for t in targets if t["type"] == "page"]
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    if not pages:
+        raise RuntimeError("Chromium's DevTools endpoint did not come up")
+    cdp = _Cdp(pages[0]["webSocketDebuggerUrl"])
+    try:
+        cdp("Network.enable")
+        cdp("Network.setCookie", name=COOKIE, value=token, url=dashboard, path="/")
+        cdp("Page.enable")
+        cdp("Page.navigate", url=f"{dashboard}/#/serve")
+        time.sleep(settle_s)  # the page polls the Serve API and renders
+        text = cdp("Runtime.evaluate", expression="document.body.innerText")["result"]
+        shot = cdp("Page.captureScreenshot", format="png")
+    finally:
+        cdp.close()
+    return text, shot
+
+
 def screenshot(dashboard: str, token: str, out: Path, settle_s: float = 8.0) -> str:
     """Save the Serve page as PNG at ``out``; return the page's visible text."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("headless Chromium is needed: apt-get install chromium")
     port = _free_port()
-    with tempfile.TemporaryDirectory() as profile:
-        browser = subprocess.Popen(
-            [chromium, *FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            pages: list[dict[str, Any]] = []
-            while not pages and time.monotonic() < deadline:
-                try:
-                    targets = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
-                    pages = [t for t in targets if t["type"] == "page"]
-                except httpx.HTTPError:
-                    time.sleep(0.3)
-            if not pages:
-                raise RuntimeError("Chromium's DevTools endpoint did not come up")
-            cdp = _Cdp(pages[0]["webSocketDebuggerUrl"])
-            cdp("Network.enable")
-            cdp("Network.setCookie", name=COOKIE, value=token, url=dashboard, path="/")
-            cdp("Page.enable")
-            cdp("Page.navigate", url=f"{dashboard}/#/serve")
-            time.sleep(settle_s)  # the page polls the Serve API and renders
-            text = cdp("Runtime.evaluate", expression="document.body.innerText")["result"]
-            shot = cdp("Page.captureScreenshot", format="png")
-            cdp.close()
-        finally:
-            browser.terminate()
-            browser.wait(timeout=30)
+    profile = tempfile.mkdtemp(prefix="serve-page-chromium-")
+    # Its own session, so that stopping it stops its renderer, GPU and crashpad helpers
+    # too: a helper left writing to the profile made removing the profile fail (CI).
+    browser = subprocess.Popen(
+        [chromium, *FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        text, shot = _capture(port, dashboard, token, settle_s)
+    finally:
+        _stop_group(browser)
+        shutil.rmtree(profile, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(base64.b64decode(shot["data"]))
     return str(text.get("value", ""))
