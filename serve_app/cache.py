@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, Generic, TypeVar
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -108,6 +108,11 @@ class PredictionCache:
 
     Only clean answers are cached: degraded answers and errors are not, so a store outage
     does not linger in the cache after the store comes back.
+
+    Each entry carries its own deadline and an expired one is dropped when it is read,
+    over cachetools' ``LRUCache`` (which bounds the size). ``TTLCache`` does the same work
+    eagerly: every put walks its expiry list and links the key into it, 10-20 us per
+    get + put against 1.5 us here, and a 32-item batch does 32 of each.
     """
 
     def __init__(
@@ -118,27 +123,36 @@ class PredictionCache:
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self.enabled = enabled
-        # One TTL for every entry: TTLCache's expiry list is cheaper per put than
-        # TLRUCache's heap (measured 4.9 vs 6.7 us per operation).
-        self._cache: TTLCache[Hashable, dict[str, Any]] = TTLCache(
-            maxsize=maxsize, ttl=ttl_s, timer=timer
-        )
+        self._ttl_s = ttl_s
+        self._timer = timer
+        # key -> (deadline on ``timer``, answer)
+        self._cache: LRUCache[Hashable, tuple[float, dict[str, Any]]] = LRUCache(maxsize)
         self.hits = 0
         self.misses = 0
+
+    def __contains__(self, key: Hashable) -> bool:
+        entry = self._cache.get(key)
+        return entry is not None and entry[0] > self._timer()
 
     def get(self, key: Hashable) -> dict[str, Any] | None:
         if not self.enabled:
             return None
-        value = self._cache.get(key)
-        if value is None:
+        entry = self._cache.get(key)
+        if entry is not None and entry[0] <= self._timer():
+            del self._cache[key]  # expired: a miss, and its slot is free again
+            entry = None
+        if entry is None:
             self.misses += 1
-        else:
-            self.hits += 1
-        return value
+            return None
+        self.hits += 1
+        return entry[1]
 
     def put(self, key: Hashable, value: dict[str, Any]) -> None:
         if self.enabled and not value.get("degraded") and "error" not in value:
-            self._cache[key] = value
+            self._store(key, value)
+
+    def _store(self, key: Hashable, value: dict[str, Any]) -> None:
+        self._cache[key] = (self._timer() + self._ttl_s, value)
 
 
 class SharedPredictionCache(PredictionCache):
@@ -194,7 +208,7 @@ class SharedPredictionCache(PredictionCache):
 
     async def prefetch(self, keys: Iterable[Hashable]) -> int:
         """Copy shared answers for ``keys`` missing locally into the LRU; how many were found."""
-        missing = {self.redis_key(key): key for key in keys if key not in self._cache}
+        missing = {self.redis_key(key): key for key in keys if key not in self}
         if not missing:
             return 0
         try:
@@ -205,7 +219,7 @@ class SharedPredictionCache(PredictionCache):
         found = 0
         for key, value in zip(missing.values(), values, strict=True):
             if value is not None:
-                self._cache[key] = json.loads(value)
+                self._store(key, json.loads(value))
                 found += 1
         self.shared_hits += found
         return found

@@ -49,6 +49,7 @@ from serve_app.api.observability import (
 from serve_app.api.openapi import inline_schema
 from serve_app.api.quotas import CreationSlot, CreationSlots, install_creation_slots
 from serve_app.api.request_id import RequestIdMiddleware
+from serve_app.api.responses import ScoreResponse
 from serve_app.api.schemas import (
     BatchRequest,
     BatchResponse,
@@ -350,13 +351,13 @@ class Ingress:
         responses=_ERRORS,
         openapi_extra=_json_body_doc(PredictRequest),
     )
-    async def predict(self, _owner: Owner, _admitted: Admitted, body: JsonBody) -> dict[str, Any]:
+    async def predict(self, _owner: Owner, _admitted: Admitted, body: JsonBody) -> ScoreResponse:
         """Score one entity, with optional request-time context."""
         item = parse_item(body)
         _mark_admitted()
         await self._shared_prefetch([item])
         try:
-            return await score_one(item, self._answers, self._submit)
+            return ScoreResponse(await score_one(item, self._answers, self._submit))
         finally:
             self._shared_flush()
             self._count_scoring("/v1/predict", 1)
@@ -365,13 +366,12 @@ class Ingress:
         "/v1/predict/batch",
         tags=["predict"],
         response_model=BatchResponse,
-        response_model_exclude_none=True,
         responses=_ERRORS,
         openapi_extra=_json_body_doc(BatchRequest),
     )
     async def predict_batch(
         self, _owner: Owner, _admitted: Admitted, body: JsonBody
-    ) -> dict[str, Any]:
+    ) -> ScoreResponse:
         """Score many items. Results come in input order; each is a score or an error."""
         raw_items = parse_body(BatchRequest, body).items
         limit = self._config.limits.max_batch_items
@@ -380,7 +380,7 @@ class Ingress:
         _mark_admitted()
         await self._shared_prefetch(entries)
         try:
-            return await score_batch(entries, self._answers, self._submit_many)
+            return ScoreResponse(await score_batch(entries, self._answers, self._submit_many))
         finally:
             self._shared_flush()
             self._count_scoring("/v1/predict/batch", len(entries))

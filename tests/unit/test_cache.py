@@ -114,6 +114,18 @@ def test_feature_cache_entries_expire_after_ttl() -> None:
     assert asyncio.run(scenario()).calls == [["a"], ["a"]]
 
 
+def test_an_expired_prediction_frees_its_slot_and_counts_as_a_miss() -> None:
+    clock = FakeClock()
+    cache = PredictionCache(maxsize=2, ttl_s=10, timer=clock)
+    cache.put("old", {"score": 1})
+    clock.now += 10
+    assert "old" not in cache and cache.get("old") is None
+    assert (cache.hits, cache.misses) == (0, 1)
+    cache.put("a", {"score": 2})
+    cache.put("b", {"score": 3})  # "old" is gone, so neither evicts the other
+    assert cache.get("a") == {"score": 2} and cache.get("b") == {"score": 3}
+
+
 def test_prediction_cache_is_lru_bounded() -> None:
     cache = PredictionCache(maxsize=2, ttl_s=60)
     cache.put("a", {"score": 1})
