@@ -3,7 +3,8 @@
 --   wrk -s loadtests/wrk_post.lua URL -- <n_ids> <batch> <mode> <seed> <token>
 --
 -- n_ids  ids are drawn uniformly from E0000000 .. E(n_ids-1)
--- batch  0: a /v1/predict body (one item); k > 0: a /v1/predict/batch body of k items
+-- batch  0: a /v1/predict body (one item); k > 0: a /v1/predict/batch body of k items;
+--        -1: a GET with no body (bench_floor.py: a route that does no scoring)
 -- mode   "uniform": random context per item, so (entity, context) never repeats and the
 --        prediction cache cannot hit; "hot": the context is a function of the id, so a
 --        repeated id is repeated work and caches can hit
@@ -29,8 +30,12 @@ function init(args)
    hot = args[3] == "hot"
    math.randomseed(tonumber(args[4]) * 1000 + thread_no)
    for _ = 1, 10 do math.random() end
-   wrk.method = "POST"
-   wrk.headers["Content-Type"] = "application/json"
+   if batch < 0 then
+      wrk.method = "GET"
+   else
+      wrk.method = "POST"
+      wrk.headers["Content-Type"] = "application/json"
+   end
    if args[5] ~= nil and args[5] ~= "-" then
       wrk.headers["Authorization"] = "Bearer " .. args[5]
    end
@@ -55,7 +60,9 @@ end
 
 function request()
    local body
-   if batch == 0 then
+   if batch < 0 then
+      return wrk.format(nil, nil, nil, nil)
+   elseif batch == 0 then
       body = item()
    else
       local items = {}

@@ -12,7 +12,9 @@ Each deployment creates only the metrics it records, once, in its constructor.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -130,12 +132,63 @@ def _make(name: str) -> Counter | Gauge | Histogram:
     return Histogram(name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tags)
 
 
+TagSet = tuple[tuple[str, str], ...]
+
+
+class CounterBatch:
+    """Increments of one counter summed in the replica, handed to Ray at most once a second.
+
+    Why: ``Counter.inc`` merges and checks its tags in Python and records through Ray's
+    C++ core on every call; for the request counter that was 6 % of an Ingress replica's
+    CPU under a ``/healthz`` load. Prometheus scrapes every few seconds, so a second's
+    delay changes nothing it shows. A flush is due one second after the first pending
+    increment (a timer on the running loop, so the last increments of a burst are not
+    held back), or at once outside an event loop. A replica that is killed loses at most
+    its last second of counts.
+    """
+
+    def __init__(
+        self, counter: Counter, period_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._counter = counter
+        self._period_s = period_s
+        self._clock = clock
+        self._pending: dict[TagSet, float] = {}
+        self._due: float | None = None  # when the pending increments must be recorded
+
+    def inc(self, value: float = 1.0, tags: Mapping[str, str] | None = None) -> None:
+        key: TagSet = tuple(sorted(tags.items())) if tags else ()
+        self._pending[key] = self._pending.get(key, 0.0) + value
+        if self._due is None:
+            self._schedule()
+        elif self._clock() >= self._due:  # the timer is late (a busy loop): do not wait
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending, self._due = self._pending, {}, None
+        for key, value in pending.items():
+            self._counter.inc(value, tags=dict(key) if key else None)
+
+    def _schedule(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a script, a test): record at once
+            self.flush()
+            return
+        self._due = self._clock() + self._period_s
+        loop.call_later(self._period_s, self._flush_if_due)
+
+    def _flush_if_due(self) -> None:
+        if self._due is not None:
+            self.flush()
+
+
 class IngressMetrics:
     def __init__(self) -> None:
-        self.requests = _make("serve_app_requests_total")
+        self.requests = CounterBatch(_make("serve_app_requests_total"))
         self.duration = _make("serve_app_request_duration_seconds")
         self.items = _make("serve_app_request_items")
-        self.shed = _make("serve_app_shed_requests_total")
+        self.shed = CounterBatch(_make("serve_app_shed_requests_total"))
         self.prediction_cache = _make("serve_app_prediction_cache_total")
         self.coalesced = _make("serve_app_coalesced_batch_items")
         self.job_items_submitted = _make("serve_app_job_items_submitted_total")

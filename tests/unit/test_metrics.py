@@ -12,7 +12,7 @@ import pytest
 
 from serve_app.api.observability import ObservabilityMiddleware, Timing, current_timing
 from serve_app.api.request_id import HEADER, EdgeRequestIdMiddleware, sanitize
-from serve_app.metrics import PROMETHEUS_PREFIX, SPECS, prometheus_names
+from serve_app.metrics import PROMETHEUS_PREFIX, SPECS, CounterBatch, prometheus_names
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docs" / "grafana" / "serve_app_dashboard.json"
@@ -140,3 +140,56 @@ def test_observability_middleware_adds_server_timing_only_when_a_route_timed() -
         names = [key for key, _ in sent[0]["headers"]]
         assert (b"server-timing" in names) is expected
         assert current_timing() is None
+
+
+class _RecordingCounter:
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, dict[str, str] | None]] = []
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        self.calls.append((value, tags))
+
+
+def test_counter_batch_sums_per_tag_set_and_records_once_a_period() -> None:
+    counter = _RecordingCounter()
+
+    async def scenario() -> list[tuple[float, dict[str, str] | None]]:
+        batch = CounterBatch(counter, period_s=0.05)  # type: ignore[arg-type]
+        for status in ("200", "200", "503", "200"):
+            batch.inc(tags={"route": "/v1/predict", "status": status})
+        batch.inc(2)
+        assert counter.calls == []  # nothing recorded yet: one call per tag set later
+        await asyncio.sleep(0.2)
+        first = list(counter.calls)
+        batch.inc(tags={"route": "/v1/predict", "status": "200"})
+        await asyncio.sleep(0.2)  # the last increment of a burst is not held back
+        return first
+
+    first = asyncio.run(scenario())
+    assert sorted(first, key=str) == sorted(
+        [
+            (3.0, {"route": "/v1/predict", "status": "200"}),
+            (1.0, {"route": "/v1/predict", "status": "503"}),
+            (2.0, None),
+        ],
+        key=str,
+    )
+    assert counter.calls[len(first) :] == [(1.0, {"route": "/v1/predict", "status": "200"})]
+
+
+def test_counter_batch_records_at_once_outside_an_event_loop_and_when_its_timer_is_late() -> None:
+    counter = _RecordingCounter()
+    CounterBatch(counter).inc(tags={"status": "200"})  # type: ignore[arg-type]
+    assert counter.calls == [(1.0, {"status": "200"})]
+
+    now = [0.0]
+    late = _RecordingCounter()
+
+    async def scenario() -> None:
+        batch = CounterBatch(late, period_s=1.0, clock=lambda: now[0])  # type: ignore[arg-type]
+        batch.inc()
+        now[0] = 1.5  # a loop too busy to run the timer: the next increment records
+        batch.inc()
+
+    asyncio.run(scenario())
+    assert late.calls == [(2.0, None)]
