@@ -67,6 +67,6 @@ def build_app(args: dict[str, Any]) -> Application:
     ensure_artifacts(config)
     fetcher = FeatureFetcher.bind(config.store.model_dump())
     pin = expected_sha256(config.artifacts)  # the YAML's pin; refuses an unpinned model
-    model = Model.bind(config.artifacts.model_dir, fetcher, pin)
+    model = Model.bind(config.artifacts.model_dir, fetcher, pin, config.store.model_dump())
     worker = JobWorker.bind(model, config.jobs.model_dump()) if config.jobs.enabled else None
     return Ingress.bind(model, fetcher, config.model_dump(), worker)

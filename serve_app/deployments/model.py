@@ -4,6 +4,8 @@ Callers send lists of items (the Ingress coalesces single predictions into lists
 ``@serve.batch`` merges concurrent calls into one batch; for each batch this deployment
 makes ONE bulk call to the FeatureFetcher and hands the rest to the Ray-free
 :class:`~serve_app.scoring.scorer.Scorer` (dedupe, per-item errors, ONE ``predict_proba``).
+With ``user_config: {local_features: {...}}`` the replica looks the features up itself
+(its own :class:`~serve_app.feature_lookup.FeatureSource`): one hop fewer per batch.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from threadpoolctl import threadpool_limits
 
-from serve_app.config import ModelTuning
+from serve_app.config import ModelTuning, StoreConfig
+from serve_app.feature_lookup import FeatureSource
 from serve_app.logs import batch_request_ids, route_to_serve_logs, tag_request_ids
-from serve_app.metrics import ModelMetrics
+from serve_app.metrics import FetcherMetrics, ModelMetrics
 from serve_app.scoring.artifact import load_artifact
 from serve_app.scoring.items import Item, ModelAnswer, entity_ids, unique_items
 from serve_app.scoring.scorer import Scorer, flatten, split_by_call
@@ -75,20 +78,41 @@ class BatchStats:
 @serve.deployment(name="Model")
 class Model:
     def __init__(
-        self, model_dir: str, fetcher: DeploymentHandle, sha256: str | None = None
+        self,
+        model_dir: str,
+        fetcher: DeploymentHandle,
+        sha256: str | None = None,
+        store: dict[str, Any] | None = None,
     ) -> None:
         route_to_serve_logs()
         self._threads = pin_threads()
         self._metrics = ModelMetrics()
         self._scorer = Scorer(load_artifact(Path(model_dir), sha256), self._metrics.record_predict)
         self._fetcher = fetcher
+        self._store = StoreConfig.model_validate(store or {})
+        self._local: FeatureSource | None = None  # set by user_config local_features
         self._stats = BatchStats()
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply batch size and wait in place: no restart, no lost requests."""
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply batch size, wait and where features are looked up, in place: no restart,
+        no lost requests (a batch in flight keeps the source it started with)."""
         tuning = ModelTuning.model_validate(user_config or {})
         self._score_batched.set_max_batch_size(tuning.max_batch_size)
         self._score_batched.set_batch_wait_timeout_s(tuning.batch_wait_timeout_s)
+        if tuning.local_features is None:
+            retired, self._local = self._local, None
+            if retired is not None:
+                await retired.aclose()
+        elif self._local is None:
+            self._local = FeatureSource(self._store, tuning.local_features, FetcherMetrics())
+        else:
+            self._local.retune(tuning.local_features)
+
+    async def _features(self, ids: list[str]) -> FeatureLookup:
+        """One bulk look-up: in this replica when configured, else one FeatureFetcher call."""
+        if self._local is not None:
+            return await self._local.get_many(ids)
+        return await self._fetcher.get_many.remote(ids)
 
     async def score(self, items: list[Item]) -> ModelAnswer:
         """Score a list of items: ``{"model_version", "results": [result or error],
@@ -112,7 +136,7 @@ class Model:
         tag_request_ids(batch_request_ids())  # the FeatureFetcher call carries them all
         flat = flatten(calls)
         unique = unique_items(flat)
-        lookup: FeatureLookup = await self._fetcher.get_many.remote(entity_ids(unique))
+        lookup = await self._features(entity_ids(unique))
         fetched = time.perf_counter()
         by_key = self._scorer.score(unique, lookup)
         timing = {"started": started, "features": fetched - started}
@@ -139,5 +163,6 @@ class Model:
             "scoring_path": self._scorer.path,  # "direct-trees", "direct" or "pipeline"
             "max_batch_size": self._score_batched._get_max_batch_size(),
             "batch_wait_timeout_s": self._score_batched._get_batch_wait_timeout_s(),
+            "local_features": None if self._local is None else self._local.stats(),
             **self._stats.snapshot(),
         }

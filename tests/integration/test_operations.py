@@ -41,15 +41,56 @@ def test_store_outage_gives_degraded_answers_then_recovers(serve_app: ServeApp) 
 
 
 def _set_model_tuning(max_batch_size: int, wait_s: float) -> Any:
+    return _set_model_user_config(
+        {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}
+    )
+
+
+def _set_model_user_config(user_config: dict[str, Any]) -> Any:
     def mutate(config: dict[str, Any]) -> None:
         for deployment in config["applications"][0]["deployments"]:
             if deployment["name"] == "Model":
-                deployment["user_config"] = {
-                    "max_batch_size": max_batch_size,
-                    "batch_wait_timeout_s": wait_s,
-                }
+                deployment["user_config"] = user_config
 
     return mutate
+
+
+def _model_stats_when(serve_app: ServeApp, ready: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    stats = serve_app.stats()["model"]
+    while not ready(stats) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        stats = serve_app.stats()["model"]
+    assert ready(stats), stats
+    return stats
+
+
+def test_the_model_can_look_features_up_itself_and_back(serve_app: ServeApp) -> None:
+    """``local_features`` in the Model's user_config: the same replica looks features up
+    with a source of its own (no FeatureFetcher hop), answers as before (unknown ids 404
+    per item), and goes back to the FeatureFetcher when the setting is removed."""
+    items = [{"entity_id": f"E00820{i:02d}", "context": {"hour": i % 24}} for i in range(20)]
+    with serve_app.one_replica("Model"):
+        before = serve_app.stats()["model"]
+        assert before["local_features"] is None
+        serve_app.redeploy(_set_model_user_config({"local_features": {"cache_ttl_s": 30}}))
+        try:
+            _model_stats_when(serve_app, lambda stats: stats["local_features"] is not None)
+            answer = serve_app.client.post(
+                "/v1/predict/batch", json={"items": [*items, {"entity_id": "NOPE999"}]}
+            ).json()
+            results = answer["results"]
+            assert all(r["ok"] and not r["degraded"] for r in results[:20]), results
+            assert results[20]["error"]["code"] == "unknown_entity"
+            local = serve_app.stats()["model"]
+            assert (local["replica"], local["pid"]) == (before["replica"], before["pid"])
+            assert local["local_features"]["store_loads"] >= 1
+            assert local["local_features"]["cache_misses"] >= 21  # its own cache, cold
+        finally:
+            serve_app.redeploy(_set_model_user_config({}))
+        _model_stats_when(serve_app, lambda stats: stats["local_features"] is None)
+        again = serve_app.client.post("/v1/predict", json={"entity_id": "E0082099"})
+        assert again.status_code == 200 and again.json()["degraded"] is False
 
 
 def test_user_config_change_applies_without_restart(serve_app: ServeApp) -> None:

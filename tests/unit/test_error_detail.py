@@ -1,6 +1,6 @@
 """Under ``store.on_error: fail`` clients learn that the store failed, not where it lives.
 
-The FeatureFetcher's own logic runs (without Ray) on a real HTTP feature store whose
+The FeatureFetcher's look-up (``FeatureSource``, no Ray) runs on a real HTTP feature store whose
 server on loopback fails; what it hands on, and so what reaches a client, is generic.
 """
 
@@ -15,13 +15,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from serve_app.config import AppConfig, FetcherTuning, StoreConfig
-from serve_app.deployments.feature_fetcher import FeatureFetcher, _feature_cache
-from serve_app.known_ids import KnownIds
+from serve_app.feature_lookup import FeatureSource
 from serve_app.scoring.artifact import load_artifact
 from serve_app.scoring.items import item_key
 from serve_app.scoring.scorer import Scorer
-from serve_app.stores import open_store
-from serve_app.stores.client import StoreClient
 from tests.servers import serve_in_thread
 
 
@@ -34,23 +31,9 @@ class _Anything:
         return self
 
 
-class _Fetcher(FeatureFetcher.func_or_class):  # type: ignore[misc,name-defined]
-    def __del__(self) -> None:
-        """Serve's stop hook (a coroutine) is not part of this test."""
-
-
-def fetcher(url: str) -> Any:
+def fetcher(url: str) -> FeatureSource:
     config = StoreConfig(url=url, on_error="fail", attempts=1, timeout_s=2)
-    instance = object.__new__(_Fetcher)
-    instance._config = config
-    instance._client = StoreClient(open_store(url), config)
-    instance._tuning = FetcherTuning()
-    instance._cache = _feature_cache(instance._tuning)
-    instance._metrics = _Anything()
-    instance._failures = 0
-    instance._known = KnownIds()
-    instance._known_task = None
-    return instance
+    return FeatureSource(config, FetcherTuning(), _Anything())
 
 
 def test_the_store_error_detail_never_reaches_a_client(

@@ -119,6 +119,7 @@ def test_the_reading_of_imports_agrees_with_a_real_import() -> None:
         "serve_app.api.deps",
         "serve_app.stores",
         "serve_app.jobs",
+        "serve_app.feature_lookup",
     ],
 )
 def test_the_core_runs_without_ray(module: str) -> None:

@@ -1,0 +1,148 @@
+"""Feature look-ups in front of the store: a TTL cache, degraded answers, known ids.
+
+One :class:`FeatureSource` answers "features of these entities" for a whole batch. It
+keeps a per-entity TTL cache with single-flight in front of the store client (a timeout
+per look-up, retries with backoff: :class:`~serve_app.stores.client.StoreClient`). When
+the store still fails, the answer is "degraded" (callers score on default features and
+say so) or "unavailable", as ``store.on_error`` says. While degraded, ids that are not
+in the store's set of known ids (``serve_app/known_ids.py``, refreshed in the background)
+still get 404: an id that does not exist never gets a score that looks real.
+
+It runs where it is put: in the FeatureFetcher deployment (the default, a pool shared by
+every Model replica), or inside a Model replica (``ModelTuning.local_features``: one hop
+fewer per batch, a cache per Model replica). No Ray here: the caller passes its metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Any, Protocol
+
+from serve_app.cache import SingleFlightCache
+from serve_app.config import FetcherTuning, StoreConfig
+from serve_app.errors import StoreUnavailable
+from serve_app.known_ids import KnownIds, can_list_ids
+from serve_app.known_ids import refresh as refresh_known_ids
+from serve_app.stores import FeatureLookup, FeatureRow, open_store
+from serve_app.stores.client import StoreClient
+
+logger = logging.getLogger("serve_app.fetcher")
+# What callers learn of a store failure: no URL, no host, no exception text.
+STORE_UNAVAILABLE_REASON = "the feature store is unavailable; retry shortly"
+
+
+class _Count(Protocol):
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None: ...
+
+
+class _Observe(Protocol):
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None: ...
+
+
+class LookupMetrics(Protocol):
+    """What a source records (``serve_app.metrics.FetcherMetrics`` in a replica)."""
+
+    cache: _Count
+    lookups: _Count
+    lookup_seconds: _Observe
+
+
+def feature_cache(tuning: FetcherTuning) -> SingleFlightCache[str, FeatureRow]:
+    return SingleFlightCache(
+        maxsize=tuning.cache_maxsize, ttl_s=tuning.cache_ttl_s, enabled=tuning.cache_enabled
+    )
+
+
+class FeatureSource:
+    """Bulk feature look-ups for one replica: cache, store client, known ids."""
+
+    def __init__(self, config: StoreConfig, tuning: FetcherTuning, metrics: LookupMetrics) -> None:
+        self.config = config
+        self.client = StoreClient(open_store(config.url), config)
+        self.tuning = tuning
+        self.cache = feature_cache(tuning)
+        self._metrics = metrics
+        self._failures = 0
+        self._known = KnownIds()
+        self._known_task: asyncio.Task[None] | None = None
+
+    def retune(self, tuning: FetcherTuning) -> None:
+        """Apply cache settings in place; any change to them starts an empty cache."""
+        if tuning != self.tuning:
+            self.tuning = tuning
+            self.cache = feature_cache(tuning)
+
+    def _start_known_ids(self) -> None:
+        """Start the known-ids refresher on the running loop (first call or readiness)."""
+        if self._known_task is None and can_list_ids(self.config.url):
+            self._known_task = asyncio.get_running_loop().create_task(self._refresh_known())
+
+    async def _refresh_known(self) -> None:
+        """Load the known ids now, then every ``known_ids_refresh_s`` (a failure keeps them)."""
+        while True:
+            await refresh_known_ids(self._known, self.config.url)
+            await asyncio.sleep(self.tuning.known_ids_refresh_s)
+
+    async def _load(self, entity_ids: list[str]) -> dict[str, FeatureRow]:
+        started = time.perf_counter()
+        try:
+            rows = await self.client.get_many(entity_ids)
+        except StoreUnavailable:
+            self._metrics.lookups.inc(tags={"outcome": "error"})
+            self._metrics.lookup_seconds.observe(time.perf_counter() - started)
+            raise
+        self._metrics.lookups.inc(tags={"outcome": "ok"})
+        self._metrics.lookup_seconds.observe(time.perf_counter() - started)
+        return rows
+
+    async def get_many(self, entity_ids: list[str]) -> FeatureLookup:
+        """Features for ``entity_ids``; unknown ids are absent from ``rows``."""
+        self._start_known_ids()
+        try:
+            rows, hits = await self.cache.get_many(entity_ids, self._load)
+        except StoreUnavailable as exc:
+            self._failures += 1
+            # The detail (a URL, a host, an error text) goes to the logs, never to clients.
+            logger.warning("feature store look-up failed: %s", exc.message)
+            if self.config.on_error == "fail":
+                return FeatureLookup(status="unavailable", reason=STORE_UNAVAILABLE_REASON)
+            unknown = self._known.unknown(entity_ids) or set()
+            return FeatureLookup(
+                status="degraded", reason=STORE_UNAVAILABLE_REASON, unknown=frozenset(unknown)
+            )
+        misses = len(set(entity_ids)) - hits
+        if hits:
+            self._metrics.cache.inc(hits, tags={"result": "hit"})
+        if misses:
+            self._metrics.cache.inc(misses, tags={"result": "miss"})
+        return FeatureLookup(status="ok", rows=rows)
+
+    async def ping(self) -> bool:
+        """Readiness: can the store answer now?"""
+        self._start_known_ids()
+        return await self.client.ping()
+
+    async def aclose(self) -> None:
+        """Stop the known-ids refresher and close the store's connection pool."""
+        if self._known_task is not None:
+            self._known_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._known_task
+        await self.client.store.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        cache = self.cache
+        return {
+            "cache_entries": len(cache),
+            "cache_hits": cache.hits,
+            "cache_misses": cache.misses,
+            "store_loads": cache.loads,
+            "store_failures": self._failures,
+            "pid": os.getpid(),
+            "known_ids": self._known.size,
+            "known_ids_loaded_at": self._known.loaded_at,
+        }
