@@ -29,6 +29,7 @@ again at once (a retry storm, not the offered load), so the rate is fixed instea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,15 +67,28 @@ from loadtests.harness import (
 )
 
 LUA = LOADTESTS / "wrk_overload.lua"
-CPU_GROUPS = (*DEPLOYMENTS, "JobWorker", "other replicas", "HAProxy", "Ray other", "wrk")
+CPU_GROUPS = (
+    *DEPLOYMENTS,
+    "JobWorker",
+    "other replicas",
+    "HAProxy",
+    "HAProxy manager",
+    "Ray other",
+    "wrk",
+)
 
 
 def cpu_group(pid: int, name: str) -> str:
+    """A process's group; Ray retitles a busy replica ``...:Ingress.method``, hence the
+    split at the dot."""
     command = cmdline(pid)
     if f"ServeReplica:{APP_NAME}:" in command:
-        deployment = command.split(f"ServeReplica:{APP_NAME}:")[1].split()[0].strip("\0")
+        title = command.split(f"ServeReplica:{APP_NAME}:")[1].split()[0].strip("\0")
+        deployment = title.split(".")[0]
         return deployment if deployment in (*DEPLOYMENTS, "JobWorker") else "other replicas"
-    return "HAProxy" if name.startswith("haproxy") else "Ray other"
+    if name.startswith("haproxy"):
+        return "HAProxy"
+    return "HAProxy manager" if "HAProxyManager" in command else "Ray other"
 
 
 def idle_rss() -> dict[str, list[float]]:
@@ -95,11 +110,11 @@ def idle_rss() -> dict[str, list[float]]:
     return by_group
 
 
-def wrk_overload(
+def wrk_command(
     url: str, token: str, rate: float, connections: int, seconds: float, args: argparse.Namespace
-) -> dict[str, Any]:
-    """One wrk run of wrk_overload.lua; its OVERLOAD_JSON line."""
-    command = [
+) -> list[str]:
+    """wrk with wrk_overload.lua: ``rate`` req/s open loop (0: closed loop)."""
+    return [
         "wrk",
         f"-t{args.threads}",
         f"-c{connections}",
@@ -116,15 +131,27 @@ def wrk_overload(
         token,
         str(args.threads),
     ]
-    proc = subprocess.run(
-        command, capture_output=True, text=True, timeout=seconds + args.wrk_timeout + 60
-    )
-    for line in proc.stdout.splitlines():
+
+
+def overload_json(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+    """The OVERLOAD_JSON line wrk_overload.lua prints at the end, with ``seconds``."""
+    for line in stdout.splitlines():
         if line.startswith("OVERLOAD_JSON "):
             result: dict[str, Any] = json.loads(line.removeprefix("OVERLOAD_JSON "))
             result["seconds"] = result["duration_us"] / 1e6
             return result
-    raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
+    raise RuntimeError(f"wrk failed ({returncode}): {stdout}\n{stderr}")
+
+
+def wrk_overload(
+    url: str, token: str, rate: float, connections: int, seconds: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One wrk run of wrk_overload.lua; its OVERLOAD_JSON line."""
+    command = wrk_command(url, token, rate, connections, seconds, args)
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=seconds + args.wrk_timeout + 60
+    )
+    return overload_json(proc.returncode, proc.stdout, proc.stderr)
 
 
 @dataclass
@@ -266,6 +293,12 @@ def cpu_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def measured_how(args: argparse.Namespace) -> str:
+    if args.capacity > 0:
+        return "given with --capacity"
+    return f"closed loop, {args.connections} connections"
+
+
 def report(
     rows: list[Row],
     capacity: float,
@@ -278,11 +311,12 @@ def report(
         "",
         f"`{command_line()}`: `/v1/predict`, fresh ids, wrk -t{args.threads}, "
         f"{args.duration:g} s per row, {os.cpu_count()} CPUs ({platform.machine()}), load "
-        f"average before: {notes[0]}. Capacity = {capacity:,.0f} req/s (closed loop, "
-        f"{args.connections} connections); unloaded p99 = {unloaded_p99:.1f} ms (open loop at "
+        f"average before: {notes[0]}. Capacity = {capacity:,.0f} req/s ({measured_how(args)}); "
+        f"unloaded p99 = {unloaded_p99:.1f} ms (open loop at "
         f"{args.unloaded:g}x capacity).",
         "",
     ]
+    overrides = [f"- serve.env overridden: `{item}`" for item in args.env]
     legend = [
         "",
         "- offered: the open-loop rate asked of wrk; sent: what it really sent (slots with "
@@ -294,6 +328,7 @@ def report(
         "ends; the seconds until its per-second p99 of successes stays within 1.5x the "
         "unloaded p99.",
         *[f"- {note}" for note in notes[1:]],
+        *overrides,
     ]
     cpu = [
         "",
@@ -322,9 +357,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wrk-timeout", type=int, default=15)
     parser.add_argument("--config", type=Path, default=Path("configs/config.yaml"))
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_overload.md")
+    parser.add_argument(
+        "--capacity", type=float, default=0, help="req/s: skip the closed-loop run, use this"
+    )
+    add_env_argument(parser)
     args = parser.parse_args(argv)
     args.n_ids = 100_000
     return args
+
+
+def add_env_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a configs/serve.env setting (A/B of HAProxy settings); repeatable",
+    )
+
+
+@contextlib.contextmanager
+def app_on_local_ray(args: argparse.Namespace, api_key: str, name: str) -> Iterator[str]:
+    """serve_app as ``configs/config.yaml`` and ``configs/serve.env`` (with ``--env``)
+    describe it, on a fresh local Ray in a temp dir; yields its URL, settled 5 s.
+    Sets ``args.n_ids``, the example store's entity count."""
+    with tempfile.TemporaryDirectory(prefix="b_", dir="/tmp") as tmp:  # short: socket paths
+        workdir = Path(tmp)
+        config = serve_config(workdir, args.config.resolve())
+        args.n_ids = build_example_artifacts(config).artifacts.n_entities
+        env = serve_environment(workdir, api_key)  # configs/serve.env included
+        env.update(dict(item.split("=", 1) for item in args.env))
+        with local_ray(env, namespace=name):
+            url = serve_app_up(config, ready_s=60)
+            time.sleep(5)
+            yield url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,51 +399,47 @@ def main(argv: list[str] | None = None) -> int:
     api_key = new_api_key()
     multiples = [float(x) for x in args.multiples.split(",")]
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="bo_", dir="/tmp") as tmp:  # short: socket paths
-        workdir = Path(tmp)
-        config = serve_config(workdir, args.config.resolve())
-        args.n_ids = build_example_artifacts(config).artifacts.n_entities
-        env = serve_environment(workdir, api_key)  # configs/serve.env included
-        with local_ray(env, namespace="bench_overload"):
-            url = serve_app_up(config, ready_s=60)
-            time.sleep(5)
-            rss = idle_rss()
-            notes.append(f"idle RSS per replica (MB): {rss}")
-            print(f"idle RSS per replica (MB): {rss}", flush=True)
-            wrk_overload(url, api_key, 0, args.connections, args.warmup, args)
+    with app_on_local_ray(args, api_key, "bench_overload") as url:
+        rss = idle_rss()
+        notes.append(f"idle RSS per replica (MB): {rss}")
+        print(f"idle RSS per replica (MB): {rss}", flush=True)
+        wrk_overload(url, api_key, 0, args.connections, args.warmup, args)
+        if args.capacity > 0:
+            capacity = args.capacity
+        else:
             cap_row = measure("capacity", 0, args.connections, args.duration, url, api_key, args)
             capacity = cap_row.goodput
             if capacity <= 0:
                 raise RuntimeError(f"no successful request at capacity: {cap_row.run}")
             rows.append(cap_row)
-            unloaded_rate = args.unloaded * capacity
-            base = measure(
-                f"{args.unloaded:g}x",
-                unloaded_rate,
-                connections_for(unloaded_rate, args),
-                args.duration,
+        unloaded_rate = args.unloaded * capacity
+        base = measure(
+            f"{args.unloaded:g}x",
+            unloaded_rate,
+            connections_for(unloaded_rate, args),
+            args.duration,
+            url,
+            api_key,
+            args,
+        )
+        rows.append(base)
+        unloaded_p99 = base.run["ok"]["p99"]
+        for k in multiples:
+            rate = k * capacity
+            row = measure(
+                f"{k:g}x", rate, connections_for(rate, args), args.duration, url, api_key, args
+            )
+            after = wrk_overload(
                 url,
                 api_key,
+                unloaded_rate,
+                connections_for(unloaded_rate, args),
+                args.recovery,
                 args,
             )
-            rows.append(base)
-            unloaded_p99 = base.run["ok"]["p99"]
-            for k in multiples:
-                rate = k * capacity
-                row = measure(
-                    f"{k:g}x", rate, connections_for(rate, args), args.duration, url, api_key, args
-                )
-                after = wrk_overload(
-                    url,
-                    api_key,
-                    unloaded_rate,
-                    connections_for(unloaded_rate, args),
-                    args.recovery,
-                    args,
-                )
-                row.recovery_s = recovery_seconds(after, 1.5 * unloaded_p99)
-                print(f"  recovery: {row.recovery_s} s; per second {after['ok_p99_by_second']}")
-                rows.append(row)
+            row.recovery_s = recovery_seconds(after, 1.5 * unloaded_p99)
+            print(f"  recovery: {row.recovery_s} s; per second {after['ok_p99_by_second']}")
+            rows.append(row)
     write_report(report(rows, capacity, unloaded_p99, args, notes), args.out)
     return 0
 

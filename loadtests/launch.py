@@ -135,6 +135,20 @@ def replica_counts(app_name: str) -> dict[str, int]:
     return {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
 
 
+def replica_pids(app_name: str, deployment: str) -> list[int]:
+    """PIDs of the live replicas of ``deployment``, from the GCS actor table (the chaos
+    test and the replica-kill benchmark SIGKILL them). ``ray.util.state`` would need the
+    dashboard, which tests and benchmarks do not start."""
+    from ray._private import state
+
+    wanted = f"ServeReplica:{app_name}:{deployment}"
+    return [
+        int(actor["Pid"])
+        for actor in state.actors().values()
+        if actor["ActorClassName"] == wanted and actor["State"] == "ALIVE" and actor["Pid"]
+    ]
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for tests, benchmarks and load tests)."""
     with socket.socket() as sock:

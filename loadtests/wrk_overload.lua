@@ -20,7 +20,8 @@
 -- from the moment request() builds the request, right before it is written.
 --
 -- done() prints one line "OVERLOAD_JSON {...}": counts per status, and per class (ok,
--- refused = 503/429, other) the latencies in ms, sorted, plus per-second ok p99.
+-- refused = 503/429, other) the latencies in ms, sorted, plus per second since the start
+-- the successes' count and p99 and the count of answers that were not successes.
 
 local ffi = require("ffi")
 ffi.cdef [[
@@ -61,6 +62,7 @@ function init(args)
    codes, ok_ms, refused_ms, other_ms, no_id = {}, {}, {}, {}, 0
    missed, sent, retry_after = 0, 0, {}
    ok_second = {} -- parallel to ok_ms: the second (since start) each success came back
+   fail_second = {} -- the second each answer that was not a success came back
 end
 
 function delay()
@@ -91,17 +93,22 @@ end
 
 function response(status, headers, body)
    codes[status] = (codes[status] or 0) + 1
+   local now = now_us()
+   local second = math.floor((now - started_us) / 1000000)
    local id = headers["x-request-id"] or headers["X-Request-ID"] or headers["X-Request-Id"]
    if id == nil or string.sub(id, 1, 1) ~= "t" then
       no_id = no_id + 1
+      table.insert(fail_second, second)
       return
    end
-   local now = now_us()
    local ms = (now - tonumber(string.sub(id, 2))) / 1000
    if status >= 200 and status < 300 then
       table.insert(ok_ms, ms)
-      table.insert(ok_second, math.floor((now - started_us) / 1000000))
-   elseif status == 503 or status == 429 then
+      table.insert(ok_second, second)
+      return
+   end
+   table.insert(fail_second, second)
+   if status == 503 or status == 429 then
       table.insert(refused_ms, ms)
       local ra = headers["retry-after"] or headers["Retry-After"] or "none"
       retry_after[ra] = (retry_after[ra] or 0) + 1
@@ -156,6 +163,12 @@ function done(summary, latency, requests)
       table.sort(values)
       table.insert(series, string.format('"%d":[%d,%.2f]', s, #values, quantile(values, 0.99)))
    end
+   local failed = {}
+   for _, thread in ipairs(threads) do
+      for _, s in ipairs(thread:get("fail_second")) do failed[s] = (failed[s] or 0) + 1 end
+   end
+   local failed_series = {}
+   for s, n in pairs(failed) do table.insert(failed_series, string.format('"%d":%d', s, n)) end
    local totals = { sent = 0, missed = 0, no_id = 0 }
    for _, thread in ipairs(threads) do
       for key, _ in pairs(totals) do totals[key] = totals[key] + thread:get(key) end
@@ -164,10 +177,12 @@ function done(summary, latency, requests)
    io.write(string.format(
       'OVERLOAD_JSON {"requests":%d,"duration_us":%d,"sent":%d,"missed":%d,"no_id":%d,' ..
       '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
-      '"codes":%s,"retry_after":%s,"ok":%s,"refused":%s,"other":%s,"ok_p99_by_second":{%s}}\n',
+      '"codes":%s,"retry_after":%s,"ok":%s,"refused":%s,"other":%s,"ok_p99_by_second":{%s},' ..
+      '"failed_by_second":{%s}}\n',
       summary.requests, summary.duration, totals.sent, totals.missed, totals.no_id,
       e.connect, e.read, e.write, e.status, e.timeout,
       count_map("codes"), count_map("retry_after"),
       summary_of(merged("ok_ms")), summary_of(merged("refused_ms")),
-      summary_of(merged("other_ms")), table.concat(series, ",")))
+      summary_of(merged("other_ms")), table.concat(series, ","),
+      table.concat(failed_series, ",")))
 end

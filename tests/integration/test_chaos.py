@@ -33,6 +33,7 @@ import httpx
 import pytest
 import yaml
 
+from loadtests import launch
 from tests.integration.conftest import APP_NAME, ROOT, ServeApp, deployment_entry
 
 pytestmark = [pytest.mark.integration]
@@ -91,18 +92,7 @@ def steady_load(app: ServeApp) -> Iterator[Load]:
 
 
 def replica_pids(deployment: str) -> list[int]:
-    """PIDs of the live replicas of ``deployment``, from the GCS actor table.
-
-    ``ray.util.state`` would need the dashboard, which the tests do not start.
-    """
-    from ray._private import state
-
-    wanted = f"ServeReplica:{APP_NAME}:{deployment}"
-    return [
-        int(actor["Pid"])
-        for actor in state.actors().values()
-        if actor["ActorClassName"] == wanted and actor["State"] == "ALIVE" and actor["Pid"]
-    ]
+    return launch.replica_pids(APP_NAME, deployment)
 
 
 def running_replicas(deployment: str) -> int:

@@ -27,6 +27,16 @@ def test_store_outage_gives_degraded_answers_then_recovers(serve_app: ServeApp) 
             json={"items": [{"entity_id": "E0070001"}, {"entity_id": "E0070002"}]},
         ).json()
         assert all(r["ok"] and r["degraded"] for r in batch["results"])
+        # an id the store never held is not scored as if it existed (the known-id set)
+        unknown = serve_app.client.post("/v1/predict", json={"entity_id": "NOPE999"})
+        assert unknown.status_code == 404, unknown.text
+        assert unknown.json()["error"]["code"] == "unknown_entity"
+        mixed = serve_app.client.post(
+            "/v1/predict/batch",
+            json={"items": [{"entity_id": "NOPE999"}, {"entity_id": "E0070003"}]},
+        ).json()["results"]
+        assert mixed[0]["ok"] is False and mixed[0]["error"]["code"] == "unknown_entity"
+        assert mixed[1]["ok"] and mixed[1]["degraded"]
         ready = httpx.get(f"{serve_app.base_url}/readyz")
         assert ready.status_code == 503 and ready.json()["store_reachable"] is False
         assert ready.headers["Retry-After"]
