@@ -316,7 +316,7 @@ def report(
         f"{args.unloaded:g}x capacity).",
         "",
     ]
-    overrides = [f"- serve.env overridden: `{item}`" for item in args.env]
+    overrides = [f"- serve.env overridden: `{key}={value}`" for key, value in args.env]
     legend = [
         "",
         "- offered: the open-loop rate asked of wrk; sent: what it really sent (slots with "
@@ -366,11 +366,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def env_setting(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (the value may hold newlines and ``=``), for ``--env``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text[:40]!r}")
+    return key, value
+
+
 def add_env_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--env",
         action="append",
         default=[],
+        type=env_setting,
         metavar="KEY=VALUE",
         help="override a configs/serve.env setting (A/B of HAProxy settings); repeatable",
     )
@@ -386,7 +395,7 @@ def app_on_local_ray(args: argparse.Namespace, api_key: str, name: str) -> Itera
         config = serve_config(workdir, args.config.resolve())
         args.n_ids = build_example_artifacts(config).artifacts.n_entities
         env = serve_environment(workdir, api_key)  # configs/serve.env included
-        env.update(dict(item.split("=", 1) for item in args.env))
+        env.update(args.env)
         with local_ray(env, namespace=name):
             url = serve_app_up(config, ready_s=60)
             time.sleep(5)

@@ -169,8 +169,20 @@ def kill_under_load(
     deployment: str, url: str, token: str, rate: float, args: argparse.Namespace
 ) -> Kill:
     want = replica_counts(APP_NAME)[deployment]
-    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    job_id = start_job(client) if deployment == "JobWorker" else None
+    auth = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=url, headers=auth, timeout=30) as client:
+        job_id = start_job(client) if deployment == "JobWorker" else None
+        kill = kill_during_wrk(deployment, url, token, rate, want, args)
+        if job_id is not None:
+            kill.job = job_outcome(client, job_id)
+    print(progress(kill), flush=True)
+    return kill
+
+
+def kill_during_wrk(
+    deployment: str, url: str, token: str, rate: float, want: int, args: argparse.Namespace
+) -> Kill:
+    """wrk at ``rate`` for --before + --after seconds, one replica SIGKILLed in between."""
     seconds = args.before + args.after
     connections = max(64, math.ceil(rate * 0.25))
     command = wrk_command(url, token, rate, connections, seconds, args)
@@ -182,14 +194,9 @@ def kill_under_load(
     killed_at = time.monotonic() - started
     replaced = wait_replaced(deployment, pid, want, timeout_s=90)
     stdout, stderr = wrk.communicate(timeout=seconds + args.wrk_timeout + 60)
-    kill = Kill(
+    return Kill(
         deployment, rate, killed_at, replaced, overload_json(wrk.returncode, stdout, stderr)
     )
-    if job_id is not None:
-        kill.job = job_outcome(client, job_id)
-    client.close()
-    print(progress(kill), flush=True)
-    return kill
 
 
 def progress(kill: Kill) -> str:
@@ -258,7 +265,7 @@ def report(kills: list[Kill], capacity: float, args: argparse.Namespace, notes: 
         f"successes reach 90 % of the offered rate, after the first second within "
         f"{DIP_WINDOW_S} s of the kill that fell short (0: none fell short).",
         *[f"- {note}" for note in notes[1:]],
-        *[f"- serve.env overridden: `{item}`" for item in args.env],
+        *[f"- serve.env overridden: `{key}={value}`" for key, value in args.env],
     ]
     return "\n".join(lines) + "\n"
 
