@@ -149,8 +149,14 @@ def wrk_overload(
     """One wrk run of wrk_overload.lua; its OVERLOAD_JSON line."""
     command = wrk_command(url, token, rate, connections, seconds, args)
     proc = subprocess.run(
-        command, capture_output=True, text=True, timeout=seconds + args.wrk_timeout + 60
+        command,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",  # wrk once printed a byte that was not UTF-8: show it, go on
+        timeout=seconds + args.wrk_timeout + 60,
     )
+    if "\ufffd" in proc.stdout:
+        print(f"wrk printed bytes that are not UTF-8:\n{proc.stdout}", flush=True)
     return overload_json(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -225,6 +231,7 @@ def progress(row: Row) -> str:
         f"ok p50/p99 {ok['p50']:.1f}/{ok['p99']:.1f} ms  503 p50/p99 "
         f"{refused['p50']:.1f}/{refused['p99']:.1f} ms  retry-after {row.run['retry_after']}"
         f"  wrk {row.cpu.get('wrk', 0):.2f} cores  codes {row.run['codes']}"
+        f"  socket errors {row.run['errors']}  without our id {row.run['no_id']}"
     )
 
 

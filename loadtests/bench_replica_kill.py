@@ -186,7 +186,13 @@ def kill_during_wrk(
     seconds = args.before + args.after
     connections = max(64, math.ceil(rate * 0.25))
     command = wrk_command(url, token, rate, connections, seconds, args)
-    wrk = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wrk = subprocess.Popen(  # errors="replace": see bench_overload.wrk_overload
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        encoding="utf-8",
+        errors="replace",
+    )
     started = time.monotonic()
     time.sleep(args.before)
     pid = replica_pids(APP_NAME, deployment)[0]

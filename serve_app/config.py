@@ -379,6 +379,19 @@ class IngressTuning(_Settings):
     coalesce_max_in_flight: int = Field(
         2, ge=1, le=16, description="Ingress->Model calls at once; items gather meanwhile."
     )
+    gc_freeze: bool = Field(
+        True,
+        description="Freeze the objects the replica holds once started (gc.freeze): full "
+        "garbage collections then skip them. With gc_young_threshold, 4x-overload goodput "
+        "rose from 51-56 % to 60-74 % of capacity (serve_app/gc_tuning.py).",
+    )
+    gc_young_threshold: int = Field(
+        20_000,
+        ge=100,
+        le=1_000_000,
+        description="Collect Python's young generation every this many net allocations "
+        "(CPython's default: 700).",
+    )
 
 
 class JobWorkerTuning(_Settings):

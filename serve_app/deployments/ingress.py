@@ -62,6 +62,7 @@ from serve_app.api.validation import check_item_count, parse_body, parse_item, p
 from serve_app.cache import PredictionCache, SharedPredictionCache
 from serve_app.config import AppConfig, IngressTuning, PredictionCacheConfig, expand_env
 from serve_app.errors import Conflict, InvalidInput, NotFound, Overloaded, ServiceError
+from serve_app.gc_tuning import tune_gc
 from serve_app.jobs import JobQueue, open_job_queue
 from serve_app.jobs.webhooks import read_secret
 from serve_app.logs import current_request_id, route_to_serve_logs, tag_request_ids
@@ -190,12 +191,14 @@ class Ingress:
             tuning.coalesce_max_in_flight,
             size=lambda entry: len(entry[0]),
         )
+        tune_gc(tuning.gc_freeze, tuning.gc_young_threshold)  # last: freeze what start made
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         tuning = IngressTuning.model_validate(user_config or {})
         self._coalescer.configure(
             tuning.coalesce_max_batch_size, tuning.coalesce_wait_s, tuning.coalesce_max_in_flight
         )
+        tune_gc(tuning.gc_freeze, tuning.gc_young_threshold)
 
     # ---- the hop to the Model -------------------------------------------------------
 

@@ -14,7 +14,9 @@ those values, moves them, or HAProxy refuses them, these tests say so first:
   with ``Retry-After`` from HAProxy itself; the ``http-error`` line must come after Ray's
   ``errorfile 503`` (which turns it into a bare 500), so the order is checked too;
   ``http-error status 502`` / ``504`` likewise replace Ray's bare 500 for a replica that
-  died twice under one request or did not answer in time.
+  died twice under one request or did not answer in time;
+* ``no log``: no access-log line per request (Ray's ``log global`` sends one to a syslog
+  port nobody listens on); it must come after that line to act.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def test_serve_env_haproxy_lines_are_in_haproxys_defaults(serve_app: ServeApp) -
             )
             rays = [i for i, line in enumerate(defaults) if line.startswith(f"errorfile {status}")]
             assert all(i < ours for i in rays), f"Ray's errorfile {status} after ours: {defaults}"
+        # `no log` must come after Ray's `log global`, or every request is logged again
+        assert defaults.index("no log") > defaults.index("log global"), defaults
 
 
 def test_a_body_sent_after_a_pause_is_answered(serve_app: ServeApp) -> None:
