@@ -14,11 +14,7 @@ few when the cache answers):
   finished per second *while it was busy* (a sliding window). By Little's law that is
   how long a newcomer would spend in the replica. Measuring only busy time keeps the
   rate right at low load: one request every second says nothing about how fast the
-  replica drains a queue. Nor does a window with few requests in flight: served a few
-  at a time they do not fill the coalesced lists that make a queue drain fast, so such
-  a window only shows the replica can do *at least* that rate. It may raise the rate,
-  never lower it or set the first one: a replica that had only light traffic refused
-  126 of the first requests of a 128-client burst (Retry-After 2-5 s) before this.
+  replica drains a queue.
 * **less the service time**: the lowest mean latency of any quarter-second window in the
   last 30 s, which is what a request needs with no queue at all (batching waits, hops
   and the usual jitter included; the minimum of single latencies would count jitter as
@@ -94,7 +90,6 @@ class Admission:
         self._last_change = now
         self._window_start = now
         self._window_busy_s = 0.0
-        self._window_inflight_s = 0.0  # in-flight requests x seconds: the mean queue
         self._window_done = 0
         self._window_latency_s = 0.0
         self._recent_means: deque[float] = deque(maxlen=_BASE_WINDOWS)
@@ -107,33 +102,22 @@ class Admission:
         """Busy time since the last change of ``inflight``, and the window's rate."""
         if self.inflight > 0:
             self._window_busy_s += now - self._last_change
-            self._window_inflight_s += self.inflight * (now - self._last_change)
         self._last_change = now
         if now - self._window_start >= _WINDOW_S:
             if self._window_busy_s >= _MIN_BUSY_S and self._window_done > 0:
                 measured = self._window_done / self._window_busy_s
-                queued = self._window_inflight_s / self._window_busy_s >= MIN_INFLIGHT
-                self.rate = self._new_rate(measured, queued)
+                self.rate = (
+                    measured
+                    if self.rate is None
+                    else _SMOOTHING * measured + (1 - _SMOOTHING) * self.rate
+                )
             if self._window_done > 0:
                 self._recent_means.append(self._window_latency_s / self._window_done)
                 self.service_s = min(self._recent_means)
             self._window_start = now
             self._window_busy_s = 0.0
-            self._window_inflight_s = 0.0
             self._window_done = 0
             self._window_latency_s = 0.0
-
-    def _new_rate(self, measured: float, queued: bool) -> float | None:
-        """The drain rate after a window that measured ``measured`` requests/s while busy.
-
-        Only a window with a queue (``queued``: at least :data:`MIN_INFLIGHT` in flight on
-        average) measures how fast a queue drains; one without is a lower bound.
-        """
-        if not queued:
-            return measured if self.rate is not None and measured > self.rate else self.rate
-        if self.rate is None:
-            return measured
-        return _SMOOTHING * measured + (1 - _SMOOTHING) * self.rate
 
     def queue_delay_s(self) -> float:
         """What a request arriving now would wait before being served (seconds).
