@@ -25,11 +25,15 @@ _OLD_THRESHOLD = 20
 
 
 def tune_gc(freeze: bool, young_threshold: int) -> None:
-    """Freeze (or unfreeze) what the process holds now; collect the young generation
-    every ``young_threshold`` net allocations."""
-    if freeze:
+    """Freeze (or unfreeze) what the process holds; collect the young generation every
+    ``young_threshold`` net allocations.
+
+    Freezes once: called again from ``reconfigure`` under traffic, a second freeze would
+    also freeze the requests in flight, and frozen garbage is never freed.
+    """
+    if not freeze:
+        gc.unfreeze()
+    elif gc.get_freeze_count() == 0:
         gc.collect()  # what is garbage now is freed, not frozen with the rest
         gc.freeze()
-    else:
-        gc.unfreeze()
     gc.set_threshold(young_threshold, _MIDDLE_THRESHOLD, _OLD_THRESHOLD)

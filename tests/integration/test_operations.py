@@ -138,7 +138,7 @@ def test_a_burst_past_capacity_is_shed_with_503_and_retry_after(serve_app: Serve
     """Admission by measured queueing delay, on the running app as configured.
 
     Two waves of batches of 1,000 distinct ids (64, then 60 more 1.5 s later): seconds of
-    work for 2 cores, and fewer connections than HAProxy lets through (64 per replica),
+    work for 2 cores, and fewer connections than HAProxy lets through (96 per replica),
     so that what is refused is refused by the app. The first wave arrives at once, before
     the ingress has measured anything about it (its drain rate is the one of the traffic
     before), so it may be admitted whole; by the second, the ingress has measured how

@@ -20,10 +20,22 @@ def restore_gc() -> Iterator[None]:
 
 
 def test_freeze_moves_what_exists_out_of_collections_and_sets_the_threshold() -> None:
-    kept = [object() for _ in range(1_000)]  # noqa: F841 - alive while frozen
+    assert gc.get_freeze_count() == 0
     tune_gc(freeze=True, young_threshold=20_000)
-    assert gc.get_freeze_count() >= 1_000
+    assert gc.get_freeze_count() >= 1_000  # pytest and its imports alone hold far more
     assert gc.get_threshold() == (20_000, 20, 20)
+
+
+def test_a_second_freeze_leaves_what_came_since_collectable() -> None:
+    """reconfigure calls it again under traffic: the requests in flight then must not be
+    frozen (frozen garbage is never freed)."""
+    tune_gc(freeze=True, young_threshold=20_000)
+    frozen = gc.get_freeze_count()
+    in_flight = [[i] for i in range(10_000)]  # tracked objects made after start
+    tune_gc(freeze=True, young_threshold=30_000)
+    assert gc.get_freeze_count() == frozen, "objects made after the first freeze were frozen"
+    assert gc.get_threshold()[0] == 30_000
+    del in_flight
 
 
 def test_a_reconfigure_without_freeze_unfreezes() -> None:
