@@ -57,6 +57,10 @@ def feature_cache(tuning: FetcherTuning) -> SingleFlightCache[str, FeatureRow]:
     )
 
 
+# The first load of the known ids may hold a starting replica this long, no longer.
+FIRST_LOAD_TIMEOUT_S = 10.0
+
+
 class FeatureSource:
     """Bulk feature look-ups for one replica: cache, store client, known ids."""
 
@@ -76,13 +80,33 @@ class FeatureSource:
             self.tuning = tuning
             self.cache = feature_cache(tuning)
 
+    async def start(self) -> None:
+        """Load the known ids before the replica serves, then keep refreshing them.
+
+        Loaded lazily on the first call instead, a replica whose first call came during
+        a store outage had no set and scored unknown ids as if they existed. The first
+        load is bounded (:data:`FIRST_LOAD_TIMEOUT_S`): a store that is down at start
+        must not keep the replica from serving degraded answers.
+        """
+        if self._known_task is not None or not can_list_ids(self.config.url):
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                refresh_known_ids(self._known, self.config.url), FIRST_LOAD_TIMEOUT_S
+            )
+        self._start_known_ids()
+
     def _start_known_ids(self) -> None:
-        """Start the known-ids refresher on the running loop (first call or readiness)."""
+        """Start the known-ids refresher on the running loop, if not yet running (also
+        from the first call: a Model's own source has no async start)."""
         if self._known_task is None and can_list_ids(self.config.url):
             self._known_task = asyncio.get_running_loop().create_task(self._refresh_known())
 
     async def _refresh_known(self) -> None:
-        """Load the known ids now, then every ``known_ids_refresh_s`` (a failure keeps them)."""
+        """Load the known ids (unless :meth:`start` just did), then every
+        ``known_ids_refresh_s``; a failure keeps the last set."""
+        if self._known.loaded_at is not None:
+            await asyncio.sleep(self.tuning.known_ids_refresh_s)
         while True:
             await refresh_known_ids(self._known, self.config.url)
             await asyncio.sleep(self.tuning.known_ids_refresh_s)

@@ -22,10 +22,11 @@ from serve_app.stores import FeatureLookup
 
 @serve.deployment(name="FeatureFetcher")
 class FeatureFetcher:
-    def __init__(self, store: dict[str, Any]) -> None:
+    async def __init__(self, store: dict[str, Any]) -> None:
         route_to_serve_logs()
         config = StoreConfig.model_validate(store)
         self._source = FeatureSource(config, FetcherTuning(), FetcherMetrics())
+        await self._source.start()  # the known ids, before the first call
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply cache settings in place; any change to them starts an empty cache."""

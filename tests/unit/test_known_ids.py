@@ -54,3 +54,25 @@ def test_degraded_lookup_gives_404_for_unknown_ids_and_scores_the_rest() -> None
     error = _lookup_error({"entity_id": "NOPE999"}, lookup)
     assert error is not None and error["error"]["code"] == "unknown_entity"
     assert _lookup_error({"entity_id": "E0000001"}, lookup) is None
+
+
+def test_a_source_loads_its_known_ids_before_the_first_call(tmp_path: Path) -> None:
+    """A FeatureFetcher replica knows the ids once it has started, not at its first call:
+    loaded lazily, a first call during an outage found no set, and unknown ids were
+    scored as if they existed."""
+    from serve_app.config import FetcherTuning, StoreConfig
+    from serve_app.feature_lookup import FeatureSource
+    from tests.unit.test_error_detail import _Anything
+
+    async def scenario(url: str) -> dict:
+        source = FeatureSource(StoreConfig(url=url), FetcherTuning(), _Anything())
+        await source.start()
+        started = source.stats()
+        await source.aclose()
+        return started
+
+    url = make_store(tmp_path / "features.db", ["A1", "B2", "C3"])
+    assert asyncio.run(scenario(url))["known_ids"] == 3
+    # A store that is down at start: the replica starts anyway, with no set ("cannot tell").
+    missing = asyncio.run(scenario(f"sqlite:///{tmp_path / 'gone.db'}"))
+    assert missing["known_ids"] == 0 and missing["known_ids_loaded_at"] is None
