@@ -21,6 +21,18 @@ few when the cache answers):
   queue). What is left is waiting. Without this, a replica admitting one request at a time would measure
   that request's own service time as "queue", refuse the next, and never recover.
 
+**Only where the rate was measured.** A batching replica drains faster the more it holds
+(one ``predict`` serves the whole list), so a rate measured at a few requests in flight
+says little about a burst of a hundred: right after start, or after light traffic, a
+burst was refused on a rate 5-10x too low (126 of a cold 128-client closed loop got 503,
+``Retry-After`` 2-5 s). So each rate remembers the concurrency it was measured at; while
+``inflight`` is more than :data:`EXTRAPOLATION` times that, the estimate is only a
+guess, and a request is refused only on evidence: the oldest request in flight has
+already waited (its age less the service time) longer than ``max_queue_delay_s``. The
+windows of the burst measure the new rate within a second, and the estimate decides
+again. (Waiting for evidence alone, always, would admit a burst at 4x for a whole
+``max_queue_delay_s`` before refusing anything, and those requests would wait 4x as long.)
+
 The event loop's lag is measured and reported (``/v1/stats``) but does not decide: under
 a storm of refusals the loop is busy answering them, and refusing more because of it
 would turn a burst into a lock-out. A limit on ``inflight`` stays as a backstop
@@ -41,7 +53,7 @@ import contextlib
 import json
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -53,6 +65,8 @@ from serve_app.errors import Overloaded
 # The drain rate is the busy-time rate over windows of this length, smoothed.
 _WINDOW_S = 0.25
 _SMOOTHING = 0.5  # weight of the newest window
+# Past this many times the concurrency the rate was measured at, the rate is a guess.
+EXTRAPOLATION = 2.0
 # A window busy for less than this says too little about the rate to be used.
 _MIN_BUSY_S = 0.02
 # The service time with no queue: the lowest window-mean latency of the last 30 s.
@@ -85,6 +99,7 @@ class Admission:
         self.admitted = 0
         self.refused = 0
         self.rate: float | None = None  # requests/s while busy; None until measured
+        self.rate_concurrency = 0.0  # requests in flight that rate was measured at
         self.loop_lag_s = 0.0
         now = clock()
         self._last_change = now
@@ -92,6 +107,9 @@ class Admission:
         self._window_busy_s = 0.0
         self._window_done = 0
         self._window_latency_s = 0.0
+        # Start times of the requests in flight, oldest first (an OrderedDict: the
+        # oldest is at hand and any one is removed in O(1), in whatever order they end).
+        self._started: OrderedDict[object, float] = OrderedDict()
         self._recent_means: deque[float] = deque(maxlen=_BASE_WINDOWS)
         self.service_s = 0.0  # lowest recent window-mean latency: service with no queue
         self._refusals: list[float] = []  # times of refusals in the last second
@@ -106,11 +124,12 @@ class Admission:
         if now - self._window_start >= _WINDOW_S:
             if self._window_busy_s >= _MIN_BUSY_S and self._window_done > 0:
                 measured = self._window_done / self._window_busy_s
-                self.rate = (
-                    measured
-                    if self.rate is None
-                    else _SMOOTHING * measured + (1 - _SMOOTHING) * self.rate
-                )
+                # Little's law on the requests that ended: the concurrency this rate
+                # holds for. Not the mean in flight: a window where a burst arrived and
+                # nothing of it ended yet measures a low rate, not a rate at the burst.
+                concurrency = measured * self._window_latency_s / self._window_done
+                self.rate = _smooth(self.rate, measured)
+                self.rate_concurrency = _smooth(self.rate_concurrency or None, concurrency)
             if self._window_done > 0:
                 self._recent_means.append(self._window_latency_s / self._window_done)
                 self.service_s = min(self._recent_means)
@@ -129,6 +148,19 @@ class Admission:
             return 0.0
         return max(0.0, self.inflight / self.rate - self.service_s)
 
+    def oldest_wait_s(self, now: float | None = None) -> float:
+        """How long the oldest request in flight has waited so far: its age less the
+        service time (0.0 with nothing in flight)."""
+        if not self._started:
+            return 0.0
+        now = self._clock() if now is None else now
+        oldest = next(iter(self._started.values()))
+        return max(0.0, now - oldest - self.service_s)
+
+    def extrapolating(self) -> bool:
+        """More in flight than the rate was measured at, by far: the estimate is a guess."""
+        return self.inflight > EXTRAPOLATION * self.rate_concurrency
+
     def retry_after_s(self, now: float | None = None) -> int:
         """Seconds until what waits now (in flight + refused in the last second) drains."""
         now = self._clock() if now is None else now
@@ -136,8 +168,23 @@ class Admission:
         if self.rate is None:
             return 1
         waiting = self.inflight + len(self._refusals)
-        drain = waiting / self.rate
+        drain = waiting / self._drain_rate(now)
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(drain)))
+
+    def _drain_rate(self, now: float) -> float:
+        """The measured rate; past the concurrency it was measured at, at least what the
+        requests in flight show (all of them served within the oldest one's age).
+
+        Right after start the first windows measure a cold Model (a rate of a few per
+        second), and a burst refused on evidence was told to come back in 9-26 s by a
+        replica that drained 400 requests a second a moment later.
+        """
+        rate = self.rate or 0.0
+        if self.extrapolating() and self._started:
+            age = now - next(iter(self._started.values()))
+            if age > 0:
+                rate = max(rate, self.inflight / age)
+        return rate
 
     def _forget_refusals(self, now: float) -> None:
         refusals = self._refusals
@@ -170,17 +217,21 @@ class Admission:
 
     # ---- admit -------------------------------------------------------------------------
 
-    def _too_busy(self) -> bool:
+    def _too_busy(self, now: float) -> bool:
         """The in-flight backstop is reached, or the measured wait is too long.
 
         Below :data:`MIN_INFLIGHT` requests in flight the wait is not checked: they fit in
-        one coalesced list, and refusing them could starve the measurement itself.
+        one coalesced list, and refusing them could starve the measurement itself. Past
+        the concurrency the rate was measured at, a long estimate must be confirmed by a
+        request that has really waited that long (module docstring).
         """
         if self.max_inflight is not None and self.inflight >= self.max_inflight:
             return True
         if self.inflight < MIN_INFLIGHT:
             return False
-        return self.queue_delay_s() > self.max_queue_delay_s
+        if self.queue_delay_s() <= self.max_queue_delay_s:
+            return False
+        return not self.extrapolating() or self.oldest_wait_s(now) > self.max_queue_delay_s
 
     @contextmanager
     def admit(self) -> Iterator[None]:
@@ -188,7 +239,7 @@ class Admission:
         self._ensure_lag_monitor()
         now = self._clock()
         self._account(now)
-        if self._too_busy():
+        if self._too_busy(now):
             self.refused += 1
             self._refusals.append(now)
             error = Overloaded(
@@ -202,12 +253,15 @@ class Admission:
             raise error
         self.admitted += 1
         self.inflight += 1
+        token = object()
+        self._started[token] = now
         try:
             yield
         finally:
             done = self._clock()
             self._account(done)
             self.inflight -= 1
+            del self._started[token]
             self._window_done += 1
             self._window_latency_s += done - now
 
@@ -218,11 +272,20 @@ class Admission:
             "admitted": self.admitted,
             "refused": self.refused,
             "drain_rate_per_s": None if self.rate is None else round(self.rate, 1),
+            "rate_measured_at_inflight": round(self.rate_concurrency, 1),
+            "oldest_wait_ms": round(1000 * self.oldest_wait_s(), 2),
             "queue_delay_ms": round(1000 * self.queue_delay_s(), 2),
             "service_ms": round(1000 * self.service_s, 2),
             "loop_lag_ms": round(1000 * self.loop_lag_s, 2),
             "max_queue_delay_ms": round(1000 * self.max_queue_delay_s, 1),
         }
+
+
+def _smooth(previous: float | None, measured: float) -> float:
+    """Exponential smoothing, the first measurement taken as it is."""
+    if previous is None:
+        return measured
+    return _SMOOTHING * measured + (1 - _SMOOTHING) * previous
 
 
 # ---- at the edge of the app ---------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from contextlib import ExitStack, suppress
 
 import pytest
@@ -16,9 +17,11 @@ from serve_app.errors import Overloaded
 
 @pytest.fixture(autouse=True)
 def no_floor(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The arithmetic below is easier to follow without the in-flight floor; one test
-    puts it back."""
+    """The arithmetic below is easier to follow without the in-flight floor and with the
+    rate trusted at any concurrency (the helpers measure it one request at a time); the
+    tests of those two rules put them back."""
     monkeypatch.setattr(admission_module, "MIN_INFLIGHT", 1)
+    monkeypatch.setattr(admission_module, "EXTRAPOLATION", 1e9)
 
 
 def test_nothing_is_refused_below_the_in_flight_floor(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,9 +53,95 @@ def drain_at(admission: Admission, clock: FakeClock, rate: float, seconds: float
             clock.advance(1 / rate)
 
 
+def drain_concurrently(
+    admission: Admission, clock: FakeClock, rate: float, concurrency: int, seconds: float = 1.0
+) -> None:
+    """Keep ``concurrency`` requests in flight, one ending every ``1 / rate`` seconds."""
+    slots = deque()
+    for _ in range(concurrency):
+        slot = admission.admit()
+        slot.__enter__()
+        slots.append(slot)
+    for _ in range(int(rate * seconds)):
+        clock.advance(1 / rate)
+        slots.popleft().__exit__(None, None, None)
+        slot = admission.admit()
+        slot.__enter__()
+        slots.append(slot)
+    while slots:
+        slots.popleft().__exit__(None, None, None)
+
+
 def fill(admission: Admission, stack: ExitStack, n: int) -> None:
     for _ in range(n):
         stack.enter_context(admission.admit())
+
+
+def test_a_burst_past_the_measured_concurrency_waits_for_evidence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rate measured one request at a time is far too low for a batching replica with a
+    hundred in flight: the burst is admitted until its oldest request has really waited
+    longer than the limit (a cold 128-client burst used to be refused almost whole)."""
+    monkeypatch.setattr(admission_module, "EXTRAPOLATION", 2.0)
+    clock = FakeClock()
+    admission = Admission(0.05, clock=clock, monitor_loop=False)
+    drain_at(admission, clock, rate=100)  # one at a time: 10 ms each
+    assert admission.rate_concurrency == pytest.approx(1.0, rel=0.05)
+    with ExitStack() as stack:
+        fill(admission, stack, 50)  # the estimate says 490 ms of waiting: a guess
+        assert admission.queue_delay_s() > 0.4
+        assert admission.extrapolating()
+        clock.advance(0.055)  # the oldest has waited 45 ms beyond its 10 ms of service
+        fill(admission, stack, 1)
+        clock.advance(0.01)  # and now 55 ms: evidence
+        with pytest.raises(Overloaded) as refused:
+            fill(admission, stack, 1)
+    # Retry-After from what the burst shows (51 served within 65 ms at most: 780/s and
+    # more), not from the rate of one at a time (52 / 100 per s would say 1 s too, so
+    # the next test makes the difference visible).
+    assert refused.value.retry_after_s == 1
+    assert admission.inflight == 0
+    assert admission.oldest_wait_s() == 0.0
+
+
+def test_retry_after_of_a_burst_comes_from_its_own_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cold replica measured 5 requests/s one at a time; then 200 arrive and drain at
+    far more. Refused on evidence, the burst is told to come back when the requests in
+    flight show it will have drained, not in 40 s."""
+    monkeypatch.setattr(admission_module, "EXTRAPOLATION", 2.0)
+    clock = FakeClock()
+    admission = Admission(1.0, clock=clock, monitor_loop=False)
+    drain_at(admission, clock, rate=5, seconds=2)  # 200 ms each, one at a time
+    with ExitStack() as stack:
+        fill(admission, stack, 200)
+        clock.advance(1.25)  # the oldest has waited 1.05 s beyond its service
+        with pytest.raises(Overloaded) as refused:
+            fill(admission, stack, 1)
+    # 200 in flight within 1.25 s: at least 160/s; (200 + 1 refused) / 160 per s = 1.3 s
+    assert refused.value.retry_after_s == 2
+
+
+def test_a_rate_measured_at_the_burst_decides_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the windows of a burst have measured the rate at its concurrency, the
+    estimate decides again, without waiting for a request to be late."""
+    monkeypatch.setattr(admission_module, "EXTRAPOLATION", 2.0)
+    clock = FakeClock()
+    admission = Admission(0.05, clock=clock, monitor_loop=False)
+    drain_concurrently(admission, clock, rate=100, concurrency=10)  # 100 ms each
+    assert admission.rate == pytest.approx(100, rel=0.05)
+    assert admission.rate_concurrency == pytest.approx(10, rel=0.1)  # the ramp-up
+    with ExitStack() as stack:
+        with pytest.raises(Overloaded):
+            fill(admission, stack, 200)  # no request waited yet: the estimate refuses
+        # inflight / 100 per s less the service time (~85 ms: the ramp-up's requests were
+        # shorter) passes 50 ms at about 14, and nobody waited: the estimate alone refused.
+        assert 12 <= admission.inflight <= 16
+        assert admission.queue_delay_s() > 0.05
+        assert admission.oldest_wait_s() == 0.0
+        assert not admission.extrapolating()
 
 
 def test_idle_replica_admits_and_has_no_rate_yet() -> None:
