@@ -267,7 +267,12 @@ class JobsConfig(_Settings):
         description="Items one API key may have waiting in the queue; past it 429.",
     )
     chunk_size: int = Field(500, ge=1, le=10_000, description="Items per Model call.")
-    lease_s: float = Field(30.0, gt=0, description="A dead worker's job is claimed after this.")
+    lease_s: float = Field(
+        10.0,
+        gt=0,
+        description="A dead worker's job is claimed again after this; a live worker renews "
+        "its lease every lease_s / 3, however slow its chunks.",
+    )
     max_claims: int = Field(5, ge=1, description="A job claimed this often fails (poison job).")
     poll_interval_s: float = Field(0.2, gt=0)
     result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="Then results are purged.")

@@ -169,9 +169,35 @@ class JobWorker:
             else:
                 if job.claims == 1:
                     self._metrics.queue_wait.observe(max(0.0, time.time() - job.created_at))
-                await self._run_job(job)
+                heartbeat = asyncio.create_task(self._keep_lease(job.id))
+                try:
+                    await self._run_job(job)
+                finally:
+                    heartbeat.cancel()
         except Exception:  # the lease expires and another claim retries the job
             logger.exception("job %s: worker error; it will be claimed again", job.id)
+
+    async def _keep_lease(self, job_id: str) -> None:
+        """Renew the lease every third of ``lease_s`` while the job runs.
+
+        A lease then expires only when its worker is dead (or its event loop stuck), not
+        when a chunk is slow: a slow chunk used to let another worker take the job and
+        count a claim against ``max_claims``, and ``lease_s`` can be short (a killed
+        worker's job waits that long). A lost lease is noticed by the next
+        ``save_results``, which stops the run; the heartbeat just stops here.
+        """
+        period = self._config.lease_s / 3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                held = await asyncio.to_thread(
+                    self._queue.extend_lease, job_id, self._worker, self._config.lease_s
+                )
+            except Exception:  # the queue may be busy or down a moment: try again
+                logger.exception("job %s: lease not renewed", job_id)
+                continue
+            if not held:
+                return
 
     async def _run_job(self, job: Job) -> None:
         config = self._config

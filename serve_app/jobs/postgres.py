@@ -302,6 +302,16 @@ class PostgresJobQueue:
             ).fetchone()
         return _job(leased)
 
+    def extend_lease(self, job_id: str, worker: str, lease_s: float) -> bool:
+        """Renew ``worker``'s lease on a running job; False when it no longer holds it."""
+        with self._connect() as db, db.transaction():
+            cursor = db.execute(
+                "UPDATE jobs SET lease_until = %s"
+                " WHERE id = %s AND lease_owner = %s AND state = 'running'",
+                (time.time() + lease_s, job_id, worker),
+            )
+            return cursor.rowcount == 1
+
     def pending_items(self, job_id: str, limit: int) -> list[tuple[int, dict[str, Any]]]:
         """Items without a result yet, in order (after a crash: only the unfinished ones).
 

@@ -111,6 +111,11 @@ class JobQueue(Protocol):
 
     def claim(self, worker: str, lease_s: float) -> Job | None: ...
 
+    def extend_lease(self, job_id: str, worker: str, lease_s: float) -> bool:
+        """Renew ``worker``'s lease on a running job for ``lease_s`` more seconds (the
+        JobWorker's heartbeat); False when it no longer holds it."""
+        ...
+
     def pending_items(self, job_id: str, limit: int) -> list[tuple[int, dict[str, Any]]]: ...
 
     def save_results(

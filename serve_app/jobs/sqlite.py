@@ -331,6 +331,16 @@ class SQLiteJobQueue:
             job = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (row[0],)).fetchone()
         return Job(*job)
 
+    def extend_lease(self, job_id: str, worker: str, lease_s: float) -> bool:
+        """Renew ``worker``'s lease on a running job; False when it no longer holds it."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET lease_until = ?"
+                " WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                (time.time() + lease_s, job_id, worker),
+            )
+            return cursor.rowcount == 1
+
     def pending_items(self, job_id: str, limit: int) -> list[tuple[int, dict[str, Any]]]:
         """Items without a result yet, in order (after a crash: only the unfinished ones)."""
         with self._connect() as db:

@@ -84,6 +84,24 @@ def test_expired_lease_is_claimed_again_and_results_stay_exactly_once(queue: Job
     assert final is not None and final.done == 3
 
 
+def test_a_heartbeat_keeps_the_lease_and_fails_once_it_is_lost(queue: JobQueue) -> None:
+    """A worker alive but slow renews its lease (no other worker takes the job, no claim
+    is counted); once another worker took over, its renewal says so."""
+    job, _ = queue.create("owner", ITEMS, {}, None, None, "h")
+    assert queue.claim("alive", lease_s=0.3) is not None
+    assert queue.extend_lease(job.id, "alive", 30)
+    time.sleep(0.4)  # past the first lease: the renewal holds
+    assert queue.claim("other", lease_s=30) is None
+    assert not queue.extend_lease(job.id, "other", 30)  # not its lease
+    assert not queue.extend_lease("no-such-job", "alive", 30)
+    assert queue.extend_lease(job.id, "alive", 0.05)
+    time.sleep(0.1)
+    taken = queue.claim("other", lease_s=30)
+    assert taken is not None and taken.id == job.id and taken.claims == 2
+    assert not queue.extend_lease(job.id, "alive", 30)
+    assert queue.extend_lease(job.id, "other", 30)
+
+
 def test_idempotency_and_ownership(queue: JobQueue) -> None:
     job, _ = queue.create("alice", ITEMS, {}, None, "key-1", "hash-a")
     same, created = queue.create("alice", ITEMS, {}, None, "key-1", "hash-a")

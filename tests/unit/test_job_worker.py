@@ -87,7 +87,8 @@ def _worker(queue: SQLiteJobQueue) -> Any:
     instance._worker = "w1"
     instance._depth = 0
     metrics = object.__new__(JobMetrics)
-    for name in ("queue_depth", "oldest_queued_age", "items", "jobs", "duration", "webhooks"):
+    names = ("queue_depth", "oldest_queued_age", "items", "jobs", "duration", "webhooks")
+    for name in (*names, "queue_wait"):
         setattr(metrics, name, _Recorder())
     instance._metrics = metrics
     return instance
@@ -134,3 +135,43 @@ def test_queue_gauges_show_depth_and_the_oldest_queued_jobs_age(tmp_path: Path) 
     asyncio.run(worker._refresh_queue_gauges())
     assert worker._metrics.queue_depth.calls[-1] == (1, None)
     assert worker._metrics.oldest_queued_age.calls[-1] == (0.0, None)
+
+
+class _SlowModel(_Model):
+    """Every chunk takes ``delay_s``: longer than the lease."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self._delay_s = delay_s
+        self.score = SimpleNamespace(remote=self._slow)
+
+    async def _slow(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        await asyncio.sleep(self._delay_s)
+        return await self._score(items)
+
+
+def test_a_slow_job_keeps_its_lease_while_its_worker_lives(tmp_path: Path) -> None:
+    """Chunks slower than the lease: the heartbeat renews it, so no other worker takes
+    the job over (nor counts a claim against max_claims) while its worker is alive."""
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    items = [{"entity_id": f"E{i}", "context": {}} for i in range(6)]
+    job, _ = queue.create("o", items, {}, None, None, "h")
+    claimed = queue.claim("w1", 0.3)
+    assert claimed is not None
+    worker = _worker(queue)
+    worker._config = JobsConfig(chunk_size=2, lease_s=0.3)
+    worker._model = _SlowModel(delay_s=0.5)  # 3 chunks of 0.5 s against a 0.3 s lease
+
+    async def scenario() -> list[object]:
+        run = asyncio.create_task(worker._handle(claimed))
+        stolen = []
+        while not run.done():
+            stolen.append(await asyncio.to_thread(queue.claim, "thief", 30))
+            await asyncio.sleep(0.05)
+        return stolen
+
+    stolen = asyncio.run(scenario())
+    assert len(stolen) > 20 and not any(stolen)
+    final = queue.get(job.id, "o")
+    assert final is not None and final.state == "succeeded" and final.claims == 1
+    assert final.done == 6
