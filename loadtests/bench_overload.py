@@ -289,13 +289,53 @@ def table(rows: list[Row], capacity: float, unloaded_p99: float) -> str:
     return "\n".join(lines)
 
 
+REPLICA_GROUPS = (*DEPLOYMENTS, "JobWorker", "other replicas")
+
+
+def replica_cores(row: Row) -> float:
+    return sum(row.cpu.get(group, 0.0) for group in REPLICA_GROUPS)
+
+
+def per_replica_core(row: Row) -> float:
+    """Goodput per core the replicas used: what the service itself made of its CPU.
+
+    On this machine the load generator and HAProxy's refusals share the replicas' cores
+    and take more of them the higher the load: goodput / capacity mixes that in, this
+    does not.
+    """
+    return row.goodput / max(0.01, replica_cores(row))
+
+
 def cpu_table(rows: list[Row]) -> str:
-    lines = md_header(["load", *CPU_GROUPS, "whole machine", "wrk cores per 1,000 req/s sent"])
+    lines = md_header(
+        [
+            "load",
+            *CPU_GROUPS,
+            "whole machine",
+            "wrk cores per 1,000 req/s sent",
+            "replica cores",
+            "goodput per replica core",
+            "vs capacity row",
+        ]
+    )
+    base = next((per_replica_core(r) for r in rows if r.label == "capacity"), None)
     for row in rows:
         cells = [f"{row.cpu.get(group, 0.0):.2f}" for group in CPU_GROUPS]
         per_k = 1000 * row.cpu.get("wrk", 0.0) / max(1.0, row.sent_per_s)
+        efficiency = per_replica_core(row)
+        versus = "-" if base is None else f"{100 * efficiency / base:.0f} %"
         lines.append(
-            md_row([row.label, *cells, f"{row.cpu.get('machine', 0.0):.2f}", f"{per_k:.2f}"])
+            md_row(
+                [
+                    row.label,
+                    *cells,
+                    f"{row.cpu.get('machine', 0.0):.2f}",
+                    f"{per_k:.2f}",
+                    f"{replica_cores(row):.2f}",
+                    f"{efficiency:,.0f}",
+                    versus,
+                ]
+            )
         )
     return "\n".join(lines)
 
@@ -341,7 +381,10 @@ def report(
         "",
         "CPU during each row in cores busy (user+system / wall; the machine has "
         f"{os.cpu_count()}). wrk is the load generator; Ray other = controller, raylet, "
-        "GCS, HAProxy manager.",
+        "GCS, HAProxy manager. Goodput per replica core: goodput / the cores the "
+        "replicas used (Ingress, Model, FeatureFetcher, JobWorker), against the capacity "
+        "row's: what the service made of the CPU it got, with the load generator and "
+        "HAProxy's refusals on the same cores.",
         "",
         cpu_table(rows),
     ]
