@@ -297,7 +297,8 @@ def replica_cores(row: Row) -> float:
 
 
 def per_replica_core(row: Row) -> float:
-    """Goodput per core the replicas used: what the service itself made of its CPU.
+    """Goodput per core the replicas used (every deployment's): what the service made of
+    its CPU.
 
     On this machine the load generator and HAProxy's refusals share the replicas' cores
     and take more of them the higher the load: goodput / capacity mixes that in, this
@@ -382,7 +383,8 @@ def report(
         "CPU during each row in cores busy (user+system / wall; the machine has "
         f"{os.cpu_count()}). wrk is the load generator; Ray other = controller, raylet, "
         "GCS, HAProxy manager. Goodput per replica core: goodput / the cores the "
-        "replicas used (Ingress, Model, FeatureFetcher, JobWorker), against the capacity "
+        "replicas used (Ingress, Model, FeatureFetcher, JobWorker, any other), against the "
+        "capacity "
         "row's: what the service made of the CPU it got, with the load generator and "
         "HAProxy's refusals on the same cores.",
         "",

@@ -271,7 +271,13 @@ class JobsConfig(_Settings):
         10.0,
         gt=0,
         description="A dead worker's job is claimed again after this; a live worker renews "
-        "its lease every lease_s / 3, however slow its chunks.",
+        "its lease every lease_s / 3 while its chunks finish within chunk_timeout_s.",
+    )
+    chunk_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="A Model call for one chunk that takes longer fails the attempt: the "
+        "worker stops renewing the lease, and the job is claimed again (max_claims).",
     )
     max_claims: int = Field(5, ge=1, description="A job claimed this often fails (poison job).")
     poll_interval_s: float = Field(0.2, gt=0)

@@ -90,22 +90,25 @@ class FeatureSource:
         """
         if self._known_task is not None or not can_list_ids(self.config.url):
             return
-        with contextlib.suppress(TimeoutError):
+        # asyncio.TimeoutError is the built-in TimeoutError only from Python 3.11 on.
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
             await asyncio.wait_for(
                 refresh_known_ids(self._known, self.config.url), FIRST_LOAD_TIMEOUT_S
             )
-        self._start_known_ids()
+        self._start_known_ids(tried_now=True)
 
-    def _start_known_ids(self) -> None:
-        """Start the known-ids refresher on the running loop, if not yet running (also
-        from the first call: a Model's own source has no async start)."""
+    def _start_known_ids(self, tried_now: bool = False) -> None:
+        """Start the known-ids refresher on the running loop, if not yet running (from
+        :meth:`start`, or as a fallback from the first call or readiness check)."""
         if self._known_task is None and can_list_ids(self.config.url):
-            self._known_task = asyncio.get_running_loop().create_task(self._refresh_known())
+            refresher = self._refresh_known(wait_first=tried_now)
+            self._known_task = asyncio.get_running_loop().create_task(refresher)
 
-    async def _refresh_known(self) -> None:
-        """Load the known ids (unless :meth:`start` just did), then every
+    async def _refresh_known(self, wait_first: bool) -> None:
+        """Load the known ids (after a period if :meth:`start` just tried, loaded or
+        not: a second full scan at once would only repeat it), then every
         ``known_ids_refresh_s``; a failure keeps the last set."""
-        if self._known.loaded_at is not None:
+        if wait_first:
             await asyncio.sleep(self.tuning.known_ids_refresh_s)
         while True:
             await refresh_known_ids(self._known, self.config.url)

@@ -24,11 +24,12 @@ few when the cache answers):
 **Only where the rate was measured.** A batching replica drains faster the more it holds
 (one ``predict`` serves the whole list), so a rate measured at a few requests in flight
 says little about a burst of a hundred: right after start, or after light traffic, a
-burst was refused on a rate 5-10x too low (126 of a cold 128-client closed loop got 503,
-``Retry-After`` 2-5 s). So each rate remembers the concurrency it was measured at; while
+burst was refused on a rate 5-10x too low (97-126 of a cold 128-client closed loop got
+503, ``Retry-After`` 2-5 s). So each rate remembers the concurrency it was measured at; while
 ``inflight`` is more than :data:`EXTRAPOLATION` times that, the estimate is only a
-guess, and a request is refused only on evidence: the oldest request in flight has
-already waited (its age less the service time) longer than ``max_queue_delay_s``. The
+guess, and a request is refused only on evidence: :data:`MIN_INFLIGHT` requests in flight
+have already waited (their age less the service time) longer than ``max_queue_delay_s``.
+(Not just the oldest one: a job upload or a 1,000-item batch is slow on its own.) The
 windows of the burst measure the new rate within a second, and the estimate decides
 again. (Waiting for evidence alone, always, would admit a burst at 4x for a whole
 ``max_queue_delay_s`` before refusing anything, and those requests would wait 4x as long.)
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -149,13 +151,15 @@ class Admission:
         return max(0.0, self.inflight / self.rate - self.service_s)
 
     def oldest_wait_s(self, now: float | None = None) -> float:
-        """How long the oldest request in flight has waited so far: its age less the
-        service time (0.0 with nothing in flight)."""
+        """How long the :data:`MIN_INFLIGHT` oldest requests in flight have all waited so
+        far: the age of the youngest of them less the service time (with fewer in flight,
+        the youngest of those; 0.0 with none). One slow request alone is no evidence."""
         if not self._started:
             return 0.0
         now = self._clock() if now is None else now
-        oldest = next(iter(self._started.values()))
-        return max(0.0, now - oldest - self.service_s)
+        nth = min(MIN_INFLIGHT, len(self._started))
+        started = next(itertools.islice(self._started.values(), nth - 1, None))
+        return max(0.0, now - started - self.service_s)
 
     def extrapolating(self) -> bool:
         """More in flight than the rate was measured at, by far: the estimate is a guess."""
@@ -172,9 +176,12 @@ class Admission:
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(drain)))
 
     def _drain_rate(self, now: float) -> float:
-        """The measured rate; past the concurrency it was measured at, at least what the
-        requests in flight show (all of them served within the oldest one's age).
+        """The measured rate; past the concurrency it was measured at, at least the rate
+        the requests in flight arrived at (in flight / the oldest one's age).
 
+        That is an arrival rate, not a drain rate: in a closed loop the two are equal;
+        under open-loop overload it is higher than the drain, so ``Retry-After`` comes out
+        short and a client retries early, to be measured again (a refusal costs ~1 ms).
         Right after start the first windows measure a cold Model (a rate of a few per
         second), and a burst refused on evidence was told to come back in 9-26 s by a
         replica that drained 400 requests a second a moment later.
@@ -246,6 +253,7 @@ class Admission:
                 "the service is at capacity; retry after the Retry-After seconds",
                 {
                     "queue_delay_ms": round(1000 * self.queue_delay_s(), 1),
+                    "oldest_wait_ms": round(1000 * self.oldest_wait_s(now), 1),
                     "max_queue_delay_ms": round(1000 * self.max_queue_delay_s, 1),
                 },
             )

@@ -2,8 +2,10 @@
 
 Each replica runs a claim loop. A claimed job is processed in chunks: the items still
 without a result are sent to the Model as one list (so batching and caches serve jobs
-too), and each chunk's results are stored durably with the lease extended. A worker that
-dies loses its lease; the job is claimed again and only its unfinished items are run.
+too), and each chunk's results are stored durably. While the job runs, a heartbeat renews
+its lease every third of ``lease_s``; a chunk slower than ``chunk_timeout_s`` ends the
+attempt, so a hung Model cannot hold a job forever. A worker that dies loses its lease;
+the job is claimed again and only its unfinished items are run.
 When the job is done its webhook is owed; deliveries and their retries are scheduled in
 the queue too, so they survive restarts as well.
 
@@ -183,21 +185,27 @@ class JobWorker:
         A lease then expires only when its worker is dead (or its event loop stuck), not
         when a chunk is slow: a slow chunk used to let another worker take the job and
         count a claim against ``max_claims``, and ``lease_s`` can be short (a killed
-        worker's job waits that long). A lost lease is noticed by the next
-        ``save_results``, which stops the run; the heartbeat just stops here.
+        worker's job waits that long). A hung chunk ends at ``chunk_timeout_s`` and this
+        task with it (:meth:`_handle`). A lost lease is noticed by the next
+        ``save_results``, which stops the run; the heartbeat just stops here. After a
+        failed renewal the next try comes within a second, not a period later: with a
+        10 s lease, two slow periods in a row would lose it.
         """
         period = self._config.lease_s / 3
+        wait = period
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(wait)
             try:
                 held = await asyncio.to_thread(
                     self._queue.extend_lease, job_id, self._worker, self._config.lease_s
                 )
-            except Exception:  # the queue may be busy or down a moment: try again
+            except Exception:  # the queue may be busy or down a moment: try again soon
                 logger.exception("job %s: lease not renewed", job_id)
+                wait = min(period, 1.0)
                 continue
             if not held:
                 return
+            wait = period
 
     async def _run_job(self, job: Job) -> None:
         config = self._config
@@ -221,12 +229,14 @@ class JobWorker:
 
     async def _score_chunk(self, items: list[Any]) -> Any:
         """One Model call; sent once more if its replica died (scoring is idempotent), so a
-        Model crash costs a retry, not the job's whole lease."""
+        Model crash costs a retry, not the job's whole lease. Bounded by
+        ``chunk_timeout_s`` (a TimeoutError ends the attempt: see :meth:`_keep_lease`)."""
+        timeout = self._config.chunk_timeout_s
         try:
-            return await self._model.score.remote(items)
+            return await asyncio.wait_for(self._model.score.remote(items), timeout)
         except RayActorError as exc:
             logger.warning("model replica died during a job chunk; retrying once: %r", exc)
-            return await self._model.score.remote(items)
+            return await asyncio.wait_for(self._model.score.remote(items), timeout)
 
     async def _finish(self, job: Job, state: str, error: str | None) -> None:
         finished = await asyncio.to_thread(

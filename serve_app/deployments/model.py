@@ -105,6 +105,7 @@ class Model:
                 await retired.aclose()
         elif self._local is None:
             self._local = FeatureSource(self._store, tuning.local_features, FetcherMetrics())
+            await self._local.start()  # the known ids, before its first look-up
         else:
             self._local.retune(tuning.local_features)
 

@@ -100,6 +100,9 @@ def test_a_heartbeat_keeps_the_lease_and_fails_once_it_is_lost(queue: JobQueue) 
     assert taken is not None and taken.id == job.id and taken.claims == 2
     assert not queue.extend_lease(job.id, "alive", 30)
     assert queue.extend_lease(job.id, "other", 30)
+    queue.save_results(job.id, "other", 30, [(i, {"score": 0.5}) for i in range(len(ITEMS))])
+    assert queue.finish(job.id, "other", "succeeded", None, 30, 60)
+    assert not queue.extend_lease(job.id, "other", 30)  # finished: the heartbeat stops
 
 
 def test_idempotency_and_ownership(queue: JobQueue) -> None:

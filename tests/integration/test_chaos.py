@@ -252,7 +252,7 @@ def _kill_one_of_each(serve_app: ServeApp) -> None:
     assert load.failures == [], load.failures[:10]
 
     deadline = time.monotonic() + 120
-    while (job := job_progress(serve_app, job_id))["state"] not in ("succeeded", "failed"):
+    while (job := job_progress(serve_app, job_id))["state"] not in TERMINAL:
         assert time.monotonic() < deadline, job
         time.sleep(0.5)
     assert job["state"] == "succeeded", job

@@ -1,5 +1,6 @@
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -162,16 +163,51 @@ def test_a_slow_job_keeps_its_lease_while_its_worker_lives(tmp_path: Path) -> No
     worker._config = JobsConfig(chunk_size=2, lease_s=0.3)
     worker._model = _SlowModel(delay_s=0.5)  # 3 chunks of 0.5 s against a 0.3 s lease
 
-    async def scenario() -> list[object]:
+    async def scenario() -> list[tuple[float, object]]:
+        started = time.monotonic()
         run = asyncio.create_task(worker._handle(claimed))
         stolen = []
         while not run.done():
-            stolen.append(await asyncio.to_thread(queue.claim, "thief", 30))
+            taken = await asyncio.to_thread(queue.claim, "thief", 30)
+            stolen.append((time.monotonic() - started, taken))
             await asyncio.sleep(0.05)
         return stolen
 
     stolen = asyncio.run(scenario())
-    assert len(stolen) > 20 and not any(stolen)
+    assert not any(taken for _, taken in stolen)
+    assert max(at for at, _ in stolen) > 1.0  # tried long after the first 0.3 s lease
     final = queue.get(job.id, "o")
     assert final is not None and final.state == "succeeded" and final.claims == 1
     assert final.done == 6
+
+
+class _HungModel(_Model):
+    """A Model call that never returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.score = SimpleNamespace(remote=self._hang)
+
+    async def _hang(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_a_hung_chunk_ends_the_attempt_and_the_lease_with_it(tmp_path: Path) -> None:
+    """The heartbeat must not keep a job alive forever behind a Model call that never
+    returns: the chunk times out, renewals stop, and another worker claims the job."""
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    job, _ = queue.create("o", [{"entity_id": "E1", "context": {}}], {}, None, None, "h")
+    claimed = queue.claim("w1", 0.3)
+    assert claimed is not None
+    worker = _worker(queue)
+    worker._config = JobsConfig(chunk_size=2, lease_s=0.3, chunk_timeout_s=0.5)
+    worker._model = _HungModel()
+
+    async def scenario() -> None:
+        await asyncio.wait_for(worker._handle(claimed), 5)  # ends: the chunk timed out
+        await asyncio.sleep(0.5)  # no renewal after it: the lease runs out
+
+    asyncio.run(scenario())
+    again = queue.claim("w2", 30)
+    assert again is not None and again.id == job.id and again.claims == 2

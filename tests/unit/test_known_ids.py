@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
+
+import pytest
 
 from serve_app.known_ids import KnownIds, can_list_ids, load_ids, refresh
 from serve_app.scoring.scorer import _lookup_error
@@ -76,3 +79,35 @@ def test_a_source_loads_its_known_ids_before_the_first_call(tmp_path: Path) -> N
     # A store that is down at start: the replica starts anyway, with no set ("cannot tell").
     missing = asyncio.run(scenario(f"sqlite:///{tmp_path / 'gone.db'}"))
     assert missing["known_ids"] == 0 and missing["known_ids_loaded_at"] is None
+
+
+def test_a_store_that_hangs_at_start_does_not_hold_the_replica(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first load is bounded: past FIRST_LOAD_TIMEOUT_S the replica starts without a
+    set, and the refresher tries again later."""
+    from serve_app import feature_lookup
+    from serve_app.config import FetcherTuning, StoreConfig
+    from serve_app.feature_lookup import FeatureSource
+    from tests.unit.test_error_detail import _Anything
+
+    async def hang(known: KnownIds, url: str) -> bool:
+        await asyncio.Event().wait()
+        return False
+
+    monkeypatch.setattr(feature_lookup, "FIRST_LOAD_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(feature_lookup, "refresh_known_ids", hang)
+    url = make_store(tmp_path / "features.db", ["A1"])
+
+    async def scenario() -> tuple[float, bool]:
+        source = FeatureSource(StoreConfig(url=url), FetcherTuning(), _Anything())
+        started = time.monotonic()
+        await asyncio.wait_for(source.start(), 5)
+        took = time.monotonic() - started
+        refreshing = source._known_task is not None and not source._known_task.done()
+        await source.aclose()
+        return took, refreshing
+
+    took, refreshing = asyncio.run(scenario())
+    assert took < 1.0
+    assert refreshing
