@@ -27,9 +27,11 @@ says little about a burst of a hundred: right after start, or after light traffi
 burst was refused on a rate 5-10x too low (97-126 of a cold 128-client closed loop got
 503, ``Retry-After`` 2-5 s). So each rate remembers the concurrency it was measured at; while
 ``inflight`` is more than :data:`EXTRAPOLATION` times that, the estimate is only a
-guess, and a request is refused only on evidence: :data:`MIN_INFLIGHT` requests in flight
-have already waited (their age less the service time) longer than ``max_queue_delay_s``.
-(Not just the oldest one: a job upload or a 1,000-item batch is slow on its own.) The
+guess, and a request is refused only on evidence: the oldest request in flight has
+already waited (its age less the service time) longer than ``max_queue_delay_s``. (One
+slow job upload or 1,000-item batch is such evidence too; requiring 16 waiting requests
+instead let test_operations' burst of slow batches in whole: most of its first wave had
+ended, so the 16th oldest was new.) The
 windows of the burst measure the new rate within a second, and the estimate decides
 again. (Waiting for evidence alone, always, would admit a burst at 4x for a whole
 ``max_queue_delay_s`` before refusing anything, and those requests would wait 4x as long.)
@@ -51,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import math
 import time
@@ -151,15 +152,13 @@ class Admission:
         return max(0.0, self.inflight / self.rate - self.service_s)
 
     def oldest_wait_s(self, now: float | None = None) -> float:
-        """How long the :data:`MIN_INFLIGHT` oldest requests in flight have all waited so
-        far: the age of the youngest of them less the service time (with fewer in flight,
-        the youngest of those; 0.0 with none). One slow request alone is no evidence."""
+        """How long the oldest request in flight has waited so far: its age less the
+        service time (0.0 with nothing in flight)."""
         if not self._started:
             return 0.0
         now = self._clock() if now is None else now
-        nth = min(MIN_INFLIGHT, len(self._started))
-        started = next(itertools.islice(self._started.values(), nth - 1, None))
-        return max(0.0, now - started - self.service_s)
+        oldest = next(iter(self._started.values()))
+        return max(0.0, now - oldest - self.service_s)
 
     def extrapolating(self) -> bool:
         """More in flight than the rate was measured at, by far: the estimate is a guess."""
