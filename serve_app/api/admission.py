@@ -31,9 +31,8 @@ guess, and a request is refused only on evidence: the oldest request in flight h
 already waited (its age less the service time) longer than ``max_queue_delay_s``. (One
 slow job upload or 1,000-item batch is such evidence too; requiring 16 waiting requests
 instead let test_operations' burst of slow batches in whole: most of its first wave had
-ended, so the 16th oldest was new.) The
-windows of the burst measure the new rate within a second, and the estimate decides
-again. (Waiting for evidence alone, always, would admit a burst at 4x for a whole
+ended, so the 16th oldest was new.) The windows of the burst measure the new rate within a
+second, and the estimate decides again. (Waiting for evidence alone, always, would admit a burst at 4x for a whole
 ``max_queue_delay_s`` before refusing anything, and those requests would wait 4x as long.)
 
 The event loop's lag is measured and reported (``/v1/stats``) but does not decide: under
@@ -154,11 +153,15 @@ class Admission:
     def oldest_wait_s(self, now: float | None = None) -> float:
         """How long the oldest request in flight has waited so far: its age less the
         service time (0.0 with nothing in flight)."""
-        if not self._started:
+        oldest = self._oldest_start()
+        if oldest is None:
             return 0.0
         now = self._clock() if now is None else now
-        oldest = next(iter(self._started.values()))
         return max(0.0, now - oldest - self.service_s)
+
+    def _oldest_start(self) -> float | None:
+        """When the oldest request in flight was admitted (None with nothing in flight)."""
+        return next(iter(self._started.values()), None)
 
     def extrapolating(self) -> bool:
         """More in flight than the rate was measured at, by far: the estimate is a guess."""
@@ -186,10 +189,9 @@ class Admission:
         replica that drained 400 requests a second a moment later.
         """
         rate = self.rate or 0.0
-        if self.extrapolating() and self._started:
-            age = now - next(iter(self._started.values()))
-            if age > 0:
-                rate = max(rate, self.inflight / age)
+        oldest = self._oldest_start()
+        if self.extrapolating() and oldest is not None and now > oldest:
+            rate = max(rate, self.inflight / (now - oldest))
         return rate
 
     def _forget_refusals(self, now: float) -> None:
