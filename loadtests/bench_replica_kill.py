@@ -211,7 +211,8 @@ def progress(kill: Kill) -> str:
         f"SIGKILL {kill.deployment:15} failed {kill.failed:4d}  back to 90 % after "
         f"{'never' if recovery is None else f'{recovery:.1f} s'}  worst second "
         f"{kill.worst_second()}/{kill.rate:.0f}  replaced after {kill.replaced_s} s  "
-        f"codes {kill.run['codes']}  job {kill.job}\n  ok per second "
+        f"codes {kill.run['codes']}  Retry-After {kill.run['retry_after']}  refused "
+        f"{kill.run['refused']}  job {kill.job}\n  ok per second "
         f"{dict(sorted(kill.ok_per_second().items()))}\n  failed per second "
         f"{kill.run['failed_by_second']}"
     )
