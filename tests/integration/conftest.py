@@ -63,6 +63,19 @@ HAPROXY_ENV = {
     "RAY_SERVE_HAPROXY_METRICS_PORT": str(HAPROXY_METRICS_PORT),
 }
 
+
+def cut_short(exc: Exception) -> bool:
+    """An answer whose headers came and whose connection closed before its body: its
+    Ingress replica died between writing the two (uvicorn writes them apart), after
+    HAProxy had passed the headers on. No proxy can resend it; a client retries the
+    idempotent call (README, "Replicas that die"). A request with no answer at all is a
+    different error ("Server disconnected without sending a response"): HAProxy's
+    resend covers that one. Matched on httpcore's words."""
+    return isinstance(exc, httpx.RemoteProtocolError) and (
+        "without sending complete message body" in str(exc)
+    )
+
+
 # Must be in the environment before Ray starts: Ray's processes inherit it.
 SERVE_ENV = {
     **THROUGHPUT_ENV,

@@ -1,7 +1,7 @@
 """Chaos: SIGKILL one replica of each deployment in turn, under steady load and a job.
 
-The default config keeps two replicas of Ingress, Model and FeatureFetcher. Predictions
-are idempotent, so a call whose Model replica died (or whose Model lost its
+The default config keeps three Ingress replicas and two of Model and FeatureFetcher.
+Predictions are idempotent, so a call whose Model replica died (or whose Model lost its
 FeatureFetcher) is sent once more by the ingress, and HAProxy resends a request whose
 ingress replica died before answering (``RAY_SERVE_HAPROXY_RETRY_ON`` in
 ``configs/serve.env``). A killed JobWorker's job is claimed again when its lease expires
@@ -11,9 +11,18 @@ Asserted: zero failed predictions through all four kills; the job succeeds with 
 item exactly once. HAProxy can resend a request only if it holds the whole request, which
 ``option http-buffer-request`` (``configs/serve.env``) ensures: before it, 1-3 requests
 of ~2,000 whose body came in a second packet were closed unanswered after the Ingress
-kill (README, "Replicas that die"). The recovery times are printed (``-s``), not
-asserted, apart from a generous bound that catches a stall (a 10x regression), not a slow
-machine.
+kill (README, "Replicas that die").
+
+One case no proxy can resend: an answer whose headers had left the Ingress replica when
+it died, its body not yet (uvicorn writes them apart). HAProxy has already passed the
+headers on, so the client sees a 200 cut short (CI of 2026-12-07: 1 of 3,499, "received
+0 bytes, expected 109"). The client retries such a call once, as the README tells clients
+to do for idempotent calls; it is counted apart, allowed only after the Ingress kill and
+at most once, and the retry must succeed. A request that got no answer at all is still a
+failure: that is the case HAProxy's resend covers.
+
+The recovery times are printed (``-s``), not asserted, apart from a generous bound that
+catches a stall (a 10x regression), not a slow machine.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import pytest
 import yaml
 
 from loadtests import launch
-from tests.integration.conftest import APP_NAME, ROOT, ServeApp, deployment_entry
+from tests.integration.conftest import APP_NAME, ROOT, ServeApp, cut_short, deployment_entry
 
 pytestmark = [pytest.mark.integration]
 
@@ -43,6 +52,7 @@ PAUSE_S = 0.01  # between one client's requests: steady, well below capacity
 JOB_ITEMS = 20_000
 KILL_AT_ITEMS = 1_000  # done when the JobWorker is killed: early, the job ran 3,300 items/s
 TERMINAL = ("succeeded", "failed", "cancelled")
+MAX_CUT_SHORT = 1  # per run, after the Ingress kill only (module docstring)
 STALL_BOUND_S = 45.0  # generous: a healthy recovery takes 0-8 s here, twice that in CI
 MODEL_REPLICAS = deployment_entry(  # as configs/config.yaml runs it (the session runs one)
     yaml.safe_load((ROOT / "configs" / "config.yaml").read_text()), "Model"
@@ -58,6 +68,7 @@ class Load:
     stop: threading.Event = field(default_factory=threading.Event)
     done: list[tuple[float, int]] = field(default_factory=list)  # (end time, status)
     failures: list[str] = field(default_factory=list)
+    cut_short: list[str] = field(default_factory=list)  # answers cut short, then retried
     phase: str = "warm-up"  # the last fault injected, to tell which one a failure follows
 
     def client(self, seed: int) -> None:
@@ -65,16 +76,26 @@ class Load:
         with httpx.Client(base_url=self.base_url, headers=self.headers, timeout=30) as client:
             while not self.stop.is_set():
                 body = {"entity_id": f"E{rng.randrange(100_000):07d}"}
-                try:
-                    response = client.post("/v1/predict", json=body)
-                    status = response.status_code
-                    if status != 200:
-                        self.failures.append(f"after {self.phase}: {status} {response.text[:200]}")
-                except httpx.HTTPError as exc:
-                    status = 0
-                    self.failures.append(f"after {self.phase}: {exc!r}")
+                status = self.predict(client, body, retry_cut_short=True)
                 self.done.append((time.monotonic(), status))
                 time.sleep(PAUSE_S)
+
+    def predict(self, client: httpx.Client, body: dict, retry_cut_short: bool) -> int:
+        """One prediction's status (0: no answer), its failure recorded; an answer cut
+        short is retried once (module docstring)."""
+        try:
+            response = client.post("/v1/predict", json=body)
+        except httpx.HTTPError as exc:
+            if retry_cut_short and cut_short(exc):
+                self.cut_short.append(f"after {self.phase}: {exc!r}")
+                return self.predict(client, body, retry_cut_short=False)
+            self.failures.append(f"after {self.phase}: {exc!r}")
+            return 0
+        if response.status_code != 200:
+            self.failures.append(
+                f"after {self.phase}: {response.status_code} {response.text[:200]}"
+            )
+        return response.status_code
 
     def rate(self, start: float, end: float) -> float:
         return sum(1 for t, s in list(self.done) if start <= t < end and s == 200) / (end - start)
@@ -245,11 +266,16 @@ def _kill_one_of_each(serve_app: ServeApp) -> None:
             report[deployment] = recover_after_kill(load, deployment, baseline)
             report[deployment]["baseline_req_s"] = baseline
         time.sleep(1)
-    print(f"\nchaos: {len(load.done)} predictions, {len(load.failures)} failed")
+    print(
+        f"\nchaos: {len(load.done)} predictions, {len(load.failures)} failed, "
+        f"{len(load.cut_short)} answers cut short and retried {load.cut_short}"
+    )
     for deployment, figures in report.items():
         print(f"  SIGKILL {deployment:15} " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
 
     assert load.failures == [], load.failures[:10]
+    assert len(load.cut_short) <= MAX_CUT_SHORT, load.cut_short
+    assert all(c.startswith("after SIGKILL Ingress:") for c in load.cut_short), load.cut_short
 
     deadline = time.monotonic() + 120
     while (job := job_progress(serve_app, job_id))["state"] not in TERMINAL:
