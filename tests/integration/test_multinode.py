@@ -10,8 +10,9 @@ killed (its raylet and every worker process on it, SIGKILL). It must show:
 * zero failed ``/v1/predict`` and ``/v1/predict/batch`` requests: HAProxy resends a
   request whose Ingress replica died with the node (``configs/serve.env``), and the
   Ingress resends a call whose Model replica died, once, within the request's deadline;
-  at most one answer cut short after its headers (``conftest.cut_short``: no proxy can
-  resend it), which the client retries once and must then get;
+  at most one answer cut short after its headers, and only around the kill
+  (``conftest.cut_short``: no proxy can resend it), which the client retries once and
+  must then get;
 * every accepted job completes with each item exactly once (checked in PostgreSQL too);
 * the time until throughput is back, printed.
 
@@ -376,6 +377,7 @@ def test_node_loss_loses_no_request_and_no_job_item(cluster: dict[str, Any]) -> 
     assert len(cut) <= 1, (
         f"{len(cut)} answers cut short (one dying Ingress writes one at a time): {cut}"
     )
+    assert all(o.finished >= kill_time for o in cut), f"cut short before the kill: {cut}"
 
 
 def _recovery_time(outcomes: list[Outcome], start: float, killed_at: float) -> float:
