@@ -15,6 +15,17 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+# Not globally routable, but ``is_global`` says they are in Python before 3.11.10 / 3.12.4
+# (CVE-2024-4032) or 3.14 (the newer ranges): checked here whatever the interpreter.
+_NOT_GLOBAL = tuple(
+    ipaddress.ip_network(net)
+    for net in (
+        "192.0.0.0/24",  # IETF protocol assignments (its two anycast /32s: no webhooks there)
+        "fec0::/10",  # deprecated site-local
+        "3fff::/20",  # documentation (RFC 9637)
+        "5f00::/16",  # SRv6 SIDs (RFC 9602)
+    )
+)
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 
 
@@ -81,6 +92,8 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address
 def is_public(address: IPAddress) -> bool:
     """Globally routable, and so is every IPv4 address wrapped inside it."""
     if not address.is_global or address.is_multicast:
+        return False
+    if any(address in network for network in _NOT_GLOBAL):
         return False
     if isinstance(address, ipaddress.IPv6Address):
         return all(is_public(inner) for inner in _embedded_ipv4(address))

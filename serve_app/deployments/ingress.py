@@ -91,6 +91,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 503)
 }
 JobId = Annotated[str, Path(description="The id returned by POST /v1/jobs.")]
+# Printable ASCII, spaces only inside: an empty key (a client template whose variable
+# was unset) would otherwise become one idempotency slot shared by every such job.
+_IDEMPOTENCY_KEY = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$"
 # OpenAPI links: what a client (or a stateful fuzzer) does next with a new job's id.
 _JOB_LINKS = {
     "GetJob": {
@@ -407,7 +410,9 @@ class Ingress:
         _admitted: Admitted,
         _slot: CreationSlot,
         body: JobRawBody,
-        idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+        idempotency_key: Annotated[
+            str | None, Header(max_length=128, pattern=_IDEMPOTENCY_KEY)
+        ] = None,
     ) -> JSONResponse:
         """Queue items for scoring now, read results later (poll or webhook).
 

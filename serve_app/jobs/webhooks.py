@@ -133,14 +133,25 @@ def system_resolver(host: str, port: int) -> list[str]:
 
 
 def parse_callback_url(url: str, config: WebhookConfig) -> CallbackTarget:
-    """Syntax and port policy, no DNS: a malformed URL or a closed port is a 422 at once."""
+    """Syntax and port policy, no DNS: a malformed URL or a closed port is a 422 at once.
+
+    What is accepted here must be what the sender (httpx) later reads the same way:
+    ``urlsplit`` drops tabs and newlines that httpx refuses, and reads port 0 as no port.
+    """
+    if any(ch <= " " or ch == "\x7f" for ch in url):
+        raise CallbackRefused(
+            "callback_url must not contain spaces or control characters", "bad_callback_url"
+        )
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:  # port 99999, non-numeric port, bad IPv6 literal
+        sent_to = httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:  # port 99999, bad IPv6 literal, ...
         raise CallbackRefused(
             "callback_url has an invalid host or port", "bad_callback_url"
         ) from exc
+    if port == 0:
+        raise CallbackRefused("callback_url port must be 1-65535", "bad_callback_url")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise CallbackRefused("callback_url must be an absolute http(s) URL", "bad_callback_url")
     if parts.username is not None or parts.password is not None:
@@ -156,6 +167,11 @@ def parse_callback_url(url: str, config: WebhookConfig) -> CallbackTarget:
                 "bad_callback_url",
             ) from None
     port = port or (443 if parts.scheme == "https" else 80)
+    if sent_to.host.lower() != host or (sent_to.port or port) != port:
+        raise CallbackRefused(
+            "callback_url is read differently by URL parsers; write it plainly",
+            "bad_callback_url",
+        )
     return CallbackTarget(url=url, scheme=parts.scheme, host=host, port=port)
 
 

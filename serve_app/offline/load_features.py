@@ -33,7 +33,7 @@ import pandas as pd
 from serve_app.config import expand_env
 from serve_app.errors import ConfigError
 from serve_app.scoring.features import CATEGORIES, ENTITY_CATEGORICAL, ENTITY_FEATURES
-from serve_app.stores.redis import META_KEY, feature_key
+from serve_app.stores.redis import META_KEY, RESERVED_ID, feature_key
 
 REQUIRED = ("entity_id", *ENTITY_FEATURES)
 _MAX_ID_LENGTH = 256
@@ -127,6 +127,8 @@ def validate_row(raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"entity_id: {entity!r} is not a non-empty string")
     if len(entity) > _MAX_ID_LENGTH:
         raise ValueError(f"entity_id: longer than {_MAX_ID_LENGTH} characters")
+    if entity == RESERVED_ID:
+        raise ValueError(f"entity_id: {RESERVED_ID!r} is reserved (the store's metadata key)")
     row = {
         name: _category(name, raw[name]) if name in ENTITY_CATEGORICAL else _number(name, raw[name])
         for name in ENTITY_FEATURES

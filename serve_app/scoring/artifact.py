@@ -17,6 +17,7 @@ to trust the directory's permissions.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,15 +100,21 @@ def expected_sha256(config: ArtifactConfig) -> str | None:
 
 
 def load_artifact(model_dir: Path, expected: str | None = None) -> LoadedModel:
-    """Verify the file against the pin (else the sidecar), then unpickle.
+    """Verify the file's bytes against the pin (else the sidecar), then unpickle them.
 
     Never call this on an untrusted path.
     """
     metadata = read_metadata(model_dir)
+    if list(metadata.get("features", [])) != list(MODEL_COLUMNS):
+        raise ArtifactError("artifact feature list does not match this code's feature schema")
     model_path = model_dir / MODEL_FILE
     if not model_path.is_file():
         raise ArtifactError(f"model file missing: {model_path}")
-    actual = sha256_of(model_path)
+    # Read once, hash and unpickle the same bytes: hashing the file and then opening it
+    # again to unpickle would let whoever can write the directory swap the file in
+    # between (inotify tells them when the hash has read it).
+    data = model_path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
     if expected is not None and actual != expected:
         raise ArtifactError(
             f"model file {model_path} has sha256 {actual}, but artifacts.sha256 pins "
@@ -120,7 +127,5 @@ def load_artifact(model_dir: Path, expected: str | None = None) -> LoadedModel:
             f"checksum mismatch for {model_path}: metadata says {metadata.get('sha256')}, "
             f"file is {actual}; refusing to load"
         )
-    pipeline = joblib.load(model_path)
-    if list(metadata.get("features", [])) != list(MODEL_COLUMNS):
-        raise ArtifactError("artifact feature list does not match this code's feature schema")
+    pipeline = joblib.load(io.BytesIO(data))
     return LoadedModel(pipeline=pipeline, metadata=metadata)

@@ -26,7 +26,8 @@ from serve_app.errors import StoreUnavailable
 from serve_app.stores.base import FeatureRow
 
 KEY_PREFIX = "serve_app:features:v1:"
-META_KEY = KEY_PREFIX + "_meta"
+RESERVED_ID = "_meta"  # an entity id the API accepts, but its key holds the metadata
+META_KEY = KEY_PREFIX + RESERVED_ID
 
 
 def feature_key(entity_id: str) -> str:
@@ -55,7 +56,8 @@ class RedisFeatureStore:
     async def get_many(self, entity_ids: Sequence[str]) -> dict[str, FeatureRow]:
         if not entity_ids:
             return {}
-        unique = list(dict.fromkeys(entity_ids))
+        # The metadata's key is not an entity's: "_meta" is unknown, never a row.
+        unique = [entity for entity in dict.fromkeys(entity_ids) if entity != RESERVED_ID]
         try:
             values = await self._redis.mget([feature_key(entity) for entity in unique])
         except (RedisError, OSError) as exc:

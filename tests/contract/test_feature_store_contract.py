@@ -124,6 +124,13 @@ def test_bulk_get_returns_known_rows_only(backend: Backend) -> None:
     assert set(rows[KNOWN[0]]) == set(ENTITY_FEATURES)
 
 
+def test_the_metadata_key_is_no_entity(backend: Backend) -> None:
+    """Redis keeps its metadata under the key an entity "_meta" would have: that id, which
+    the API accepts, must be unknown there as everywhere, not a row of NaNs to score."""
+    rows = _with_store(backend.url, lambda store: store.get_many(["_meta", KNOWN[0]]))
+    assert set(rows) == {KNOWN[0]}
+
+
 def test_every_backend_returns_the_same_rows(backend: Backend, small_store_path: Path) -> None:
     ids = [f"E{i:07d}" for i in range(0, 2_000, 7)] + ["E9999999"]
     rows = _with_store(backend.url, lambda store: store.get_many(ids))

@@ -20,6 +20,7 @@ def _csv(tmp_path: Path) -> Path:
     frame.loc[5, "region"] = "mars"
     frame.loc[7, "entity_id"] = ""
     frame.loc[9, "age"] = float("inf")
+    frame.loc[11, "entity_id"] = "_meta"  # would overwrite the store's metadata key
     frame = pd.concat([frame, frame.iloc[[10]]])  # a duplicate id
     frame["extra"] = 1
     path = tmp_path / "features.csv"
@@ -36,19 +37,20 @@ def test_bad_rows_are_refused_with_reasons_and_reloading_is_idempotent(
     args = ["load-features", "--to", redis_srv.url, "--from", str(source), "--quiet"]
     assert main([*args, "--rejects", str(rejects)]) == 1
     out = capsys.readouterr().err
-    assert "loaded 196 rows" in out and "refused 5" in out and "['extra']" in out
+    assert "loaded 195 rows" in out and "refused 6" in out and "['extra']" in out
     reasons = pd.read_csv(rejects)
-    assert list(reasons["row"]) == [4, 6, 8, 10, 201]
+    assert list(reasons["row"]) == [4, 6, 8, 10, 12, 201]
     assert "income: 'lots' is not a number" in reasons["reason"][0]
     assert "not one of north" in reasons["reason"][1]
-    assert "not finite" in reasons["reason"][3] and "duplicate" in reasons["reason"][4]
+    assert "not finite" in reasons["reason"][3] and "reserved" in reasons["reason"][4]
+    assert "duplicate" in reasons["reason"][5]
     keys_once = sorted(client.keys("serve_app:features:v1:*"))
     assert main(args) == 1  # the same input again: the same store
     assert sorted(client.keys("serve_app:features:v1:*")) == keys_once
-    assert len(keys_once) == 196 + 1  # rows and the _meta key
+    assert len(keys_once) == 195 + 1  # rows and the _meta key
     row = json.loads(client.get(feature_key("E0000000")))
     assert isinstance(row["age"], float) and row["region"] in ("north", "south", "east", "west")
-    assert json.loads(client.get(META_KEY))["rows"] == 196
+    assert json.loads(client.get(META_KEY))["rows"] == 195
     assert client.get(feature_key("E0000003")) is None
     client.close()
 

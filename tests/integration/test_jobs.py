@@ -168,6 +168,12 @@ def test_idempotency_key(serve_app: ServeApp) -> None:
     assert other.status_code == 409 and other.json()["error"]["code"] == "conflict"
     fresh = submit(serve_app, body, **{"Idempotency-Key": "order-43"})
     assert fresh.json()["id"] != first.json()["id"]
+    # An empty key (a template's unset variable) is no key for all such jobs to share.
+    for bad in (b"", b"x" * 129, b"ord\xe9r-42"):
+        refused = serve_app.client.post("/v1/jobs", json=body, headers={"Idempotency-Key": bad})
+        assert refused.status_code == 422, (bad, refused.text)
+        assert "idempotency-key" in str(refused.json()["error"]["details"]).lower()
+    assert submit(serve_app, body, **{"Idempotency-Key": "order 44"}).status_code == 202
 
 
 def test_only_the_creating_key_sees_a_job(serve_app: ServeApp) -> None:

@@ -1,5 +1,9 @@
+import builtins
+import io
 import json
+import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,6 +101,47 @@ def test_a_replaced_pickle_with_a_rewritten_sidecar_is_refused_by_the_pin(
     message = caught.value.message
     assert pinned in message and forged in message
     assert f'artifacts: {{sha256: "{forged}"}}' in message  # how to pin a new model
+
+
+class _Payload:
+    """A pickle that runs code when loaded: it creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Path]]:
+        return (Path.touch, (self.marker,))
+
+
+def test_the_bytes_unpickled_are_the_bytes_verified(
+    small_config: AppConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever can write the model directory swaps the pickle right after it was hashed
+    (inotify tells them when): simulated by swapping it whenever the loader opens the
+    model file a second time. Loading must neither run the swapped-in pickle nor fail."""
+    model_dir = _copy_model(small_config, tmp_path / "model")
+    model_path = model_dir / MODEL_FILE
+    pinned = sha256_of(model_path)
+    marker = tmp_path / "payload-ran"
+    real_open = io.open
+    opened: list[str] = []
+
+    def swapping_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if isinstance(file, (str, Path)) and Path(file) == model_path and "r" in mode:
+            opened.append(mode)
+            if len(opened) > 1:  # the attacker's moment
+                with real_open(model_path, "wb") as handle:
+                    pickle.dump(_Payload(marker), handle)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", swapping_open)
+    monkeypatch.setattr(builtins, "open", swapping_open)
+    loaded = load_artifact(model_dir, pinned)
+    monkeypatch.undo()
+    assert opened, "the loader never opened the model file through open()"
+    assert not marker.exists(), "a pickle swapped in after the hash was unpickled"
+    assert loaded.metadata["sha256"] == pinned
+    assert loaded.pipeline.predict_proba(build_frame([None], [{}])).shape == (1, 2)
 
 
 def test_the_pin_comes_from_the_config_or_a_model_built_by_this_process(

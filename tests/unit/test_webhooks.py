@@ -67,6 +67,10 @@ SECRET = new_secret()
         "http://224.0.0.1/x",
         "http://198.18.0.1/x",  # benchmarking range
         "http://192.0.2.1/x",  # documentation range
+        "http://192.0.0.8/x",  # IETF protocol assignments: "global" in Python 3.11.7
+        "http://[fec0::1]/x",  # deprecated site-local: "global" in Python 3.11.7
+        "http://[3fff::1]/x",  # documentation (RFC 9637)
+        "http://[::ffff:192.0.0.8]/x",
     ],
 )
 def test_non_public_or_odd_urls_are_refused(url: str) -> None:
@@ -84,6 +88,13 @@ def test_non_public_or_odd_urls_are_refused(url: str) -> None:
         "http://bad_host!.example.com/x",
         "https://93.184.216.34:8265/x",  # not 80/443 and not allow-listed
         "http://[::1/x",
+        "http://93.184.216.34:0/x",  # read as port 80 here, as port 0 by the sender
+        "http://93.184.216.34/hook\t",  # urlsplit drops tabs and newlines, httpx refuses
+        "http://93.184.216.34/hook\r\nX-Injected: 1",
+        "http://93.184.216.34/ho ok",
+        "http://93.184.216.34/hook\x00",
+        "http://93.184.216.34/hook\x7f",
+        "http://93.184.2\n16.34/x",
     ],
 )
 def test_bad_ports_and_labels_are_a_422_at_submission(url: str) -> None:
