@@ -164,13 +164,19 @@ class SharedPredictionCache(PredictionCache):
     pipeline of ``SET ... PX ttl`` (expiry is Redis's TTL). Keys carry the model version,
     so a new model never serves an old model's answers::
 
-        serve_app:pred:v1:{model_version}:{json [entity_id, amount, hour, channel]}
+        serve_app:pred:v2:{model_version}:{json [entity_id, amount, hour, channel]}
+          -> json [expires_at (Unix time), answer]
+
+    The value carries its expiry so that a copy made late in its life keeps only the
+    rest of it locally: with a fresh local TTL, an answer copied at 59 s of a 60 s TTL
+    was served until 119 s. (One ``MGET`` cannot return Redis's own TTLs; the nodes'
+    clocks are assumed synchronised, as for any TTL across machines.)
 
     Redis is an optimisation here, never a dependency: any Redis error or a look-up slower
     than ``timeout_s`` is counted and skipped, and the request is scored as a miss.
     """
 
-    PREFIX = "serve_app:pred:v1:"
+    PREFIX = "serve_app:pred:v2:"
 
     def __init__(
         self,
@@ -180,17 +186,19 @@ class SharedPredictionCache(PredictionCache):
         timeout_s: float = 0.05,
         max_connections: int = 16,
         timer: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         import redis.asyncio as aioredis
 
         super().__init__(maxsize, ttl_s, True, timer)
+        self._wall = wall
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout_s, socket_connect_timeout=1.0
         )
         self._redis = aioredis.Redis.from_pool(pool)
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._timeout_s = timeout_s
-        self._outbox: dict[str, dict[str, Any]] = {}
+        self._outbox: dict[str, tuple[float, dict[str, Any]]] = {}
         self.shared_hits = 0
         self.shared_errors = 0
 
@@ -204,7 +212,7 @@ class SharedPredictionCache(PredictionCache):
         if value.get("degraded") or "error" in value:
             return
         super().put(key, value)
-        self._outbox[self.redis_key(key)] = value
+        self._outbox[self.redis_key(key)] = (self._wall() + self._ttl_s, value)
 
     async def prefetch(self, keys: Iterable[Hashable]) -> int:
         """Copy shared answers for ``keys`` missing locally into the LRU; how many were found."""
@@ -217,9 +225,20 @@ class SharedPredictionCache(PredictionCache):
             self.shared_errors += 1
             return 0
         found = 0
+        now = self._wall()
         for key, value in zip(missing.values(), values, strict=True):
-            if value is not None:
-                self._store(key, json.loads(value))
+            if value is None:
+                continue
+            try:
+                expires_at, answer = json.loads(value)
+                left = min(float(expires_at) - now, self._ttl_s)
+                if not isinstance(answer, dict):
+                    raise TypeError("an answer is a JSON object")
+            except (TypeError, ValueError):  # not what flush writes: a miss, counted
+                self.shared_errors += 1
+                continue
+            if left > 0:
+                self._cache[key] = (self._timer() + left, answer)
                 found += 1
         self.shared_hits += found
         return found
@@ -231,8 +250,8 @@ class SharedPredictionCache(PredictionCache):
         outbox, self._outbox = self._outbox, {}
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for redis_key, value in outbox.items():
-                    pipe.set(redis_key, json.dumps(value, separators=(",", ":")), px=self._ttl_ms)
+                for redis_key, entry in outbox.items():
+                    pipe.set(redis_key, json.dumps(entry, separators=(",", ":")), px=self._ttl_ms)
                 await asyncio.wait_for(pipe.execute(), max(self._timeout_s, 1.0))
         except Exception:
             self.shared_errors += 1

@@ -51,8 +51,13 @@ def append_key(path: Path, key_id: str) -> str:
     line = f"{key_id}:{key}\n"
     if write_secret_file(path, "# serve_app API keys, one a line: KEY or NAME:KEY\n" + line):
         return key
-    with path.open("a") as handle:
-        handle.write(line)
+    with path.open("a+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() > 0:  # a file written without a last newline (printf, kubectl)
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                line = "\n" + line  # else the new line would extend the last key
+        handle.write(line.encode())
     return key
 
 

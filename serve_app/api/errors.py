@@ -34,12 +34,22 @@ def error_response(exc: ServeAppError, request_id: str | None) -> JSONResponse:
     )
 
 
+# Enough to fix a request; more made a 2 MB body's answer 19 MB (one per unknown key).
+MAX_ERROR_DETAILS = 20
+
+
 def validation_details(exc: ValidationError | RequestValidationError) -> list[dict[str, Any]]:
-    """Pydantic errors without echoing the input back (it may be large or sensitive)."""
-    return [
+    """Pydantic's first errors without echoing the input back (it may be large or
+    sensitive), and how many more there were."""
+    errors = list(exc.errors())
+    details: list[dict[str, Any]] = [
         {"loc": list(err.get("loc", ())), "type": err.get("type"), "msg": err.get("msg")}
-        for err in exc.errors()
+        for err in errors[:MAX_ERROR_DETAILS]
     ]
+    if len(errors) > MAX_ERROR_DETAILS:
+        more = len(errors) - MAX_ERROR_DETAILS
+        details.append({"type": "more_errors", "count": more, "msg": f"and {more} more"})
+    return details
 
 
 def install_error_handlers(app: FastAPI) -> None:

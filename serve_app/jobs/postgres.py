@@ -31,7 +31,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from serve_app.errors import QueueBusy
-from serve_app.jobs.queue import IdempotencyConflict, Job
+from serve_app.jobs.queue import IdempotencyConflict, Job, is_job_id
 
 SCHEMA_VERSION = 2
 _MIGRATION_LOCK = 0x5E27E_A99  # pg_advisory_xact_lock key: one migrator at a time
@@ -199,6 +199,8 @@ class PostgresJobQueue:
 
     def get(self, job_id: str, owner: str) -> Job | None:
         """The job if it exists and belongs to ``owner`` (otherwise None: a 404)."""
+        if not is_job_id(job_id):
+            return None
         with self._connect() as db:
             return _job(
                 db.execute(
@@ -225,6 +227,8 @@ class PostgresJobQueue:
 
     def cancel(self, job_id: str, owner: str, result_ttl_s: float) -> tuple[Job | None, bool]:
         """Cancel a job unless it has finished, in one UPDATE; return it and whether it was."""
+        if not is_job_id(job_id):
+            return None, False
         now = time.time()
         with self._connect() as db, db.transaction():
             changed = db.execute(

@@ -6,12 +6,21 @@ run them with ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_job_id(text: str) -> bool:
+    """Whether ``text`` can name a job (ids are ``uuid4().hex``). A caller's other string
+    names none, and is not sent to the database: PostgreSQL refuses a NUL byte in text
+    with an error, which answered ``GET /v1/jobs/%00`` with a 500."""
+    return _JOB_ID.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)

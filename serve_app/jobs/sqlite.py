@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.errors import QueueBusy
-from serve_app.jobs.queue import IdempotencyConflict, Job
+from serve_app.jobs.queue import IdempotencyConflict, Job, is_job_id
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -233,6 +233,8 @@ class SQLiteJobQueue:
 
     def get(self, job_id: str, owner: str) -> Job | None:
         """The job if it exists and belongs to ``owner`` (otherwise None: a 404)."""
+        if not is_job_id(job_id):
+            return None
         with self._connect() as db:
             row = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ? AND owner = ?", (job_id, owner)
@@ -269,6 +271,8 @@ class SQLiteJobQueue:
         either cancelled or reported finished, never both. A cancelled job is purged
         after ``result_ttl_s`` like any finished one.
         """
+        if not is_job_id(job_id):
+            return None, False
         now = time.time()
         with self._transaction() as db:
             cursor = db.execute(

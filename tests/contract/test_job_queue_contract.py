@@ -105,6 +105,15 @@ def test_a_heartbeat_keeps_the_lease_and_fails_once_it_is_lost(queue: JobQueue) 
     assert not queue.extend_lease(job.id, "other", 30)  # finished: the heartbeat stops
 
 
+@pytest.mark.parametrize("job_id", ["\x00", "abc\x00def", "x" * 10_000, "%00", "' OR 1=1 --"])
+def test_a_string_that_is_no_job_id_names_no_job(queue: JobQueue, job_id: str) -> None:
+    """Ids come from the URL path: PostgreSQL refused a NUL byte with an error (a 500)."""
+    job, _ = queue.create("alice", ITEMS, {}, None, None, "hash-a")
+    assert queue.get(job_id, "alice") is None
+    assert queue.cancel(job_id, "alice", 60) == (None, False)
+    assert queue.get(job.id, "alice") is not None  # the real one is untouched
+
+
 def test_idempotency_and_ownership(queue: JobQueue) -> None:
     job, _ = queue.create("alice", ITEMS, {}, None, "key-1", "hash-a")
     same, created = queue.create("alice", ITEMS, {}, None, "key-1", "hash-a")

@@ -71,3 +71,60 @@ def test_a_frozen_redis_is_a_miss_not_a_failure(redis_srv: RedisServer) -> None:
 
     found, elapsed, errors = asyncio.run(scenario())
     assert found == 0 and errors == 1 and elapsed < 0.5
+
+
+class _Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_copy_made_late_keeps_only_the_rest_of_the_ttl(redis_srv: RedisServer) -> None:
+    """Replica B copies replica A's answer 59.9 s into its 60 s life: B must drop it
+    0.1 s later, not serve it for another 60 s (it did: 119.8 s in all)."""
+    key = ("1.0", "E0000003", None, None, None)
+
+    async def scenario() -> tuple[bool, bool, int]:
+        wall = _Clock(1_000_000.0)
+        local_b = _Clock(50.0)
+        writer = SharedPredictionCache(redis_srv.url, maxsize=10, ttl_s=60, wall=wall)
+        reader = SharedPredictionCache(
+            redis_srv.url, maxsize=10, ttl_s=60, timer=local_b, wall=wall
+        )
+        try:
+            writer.put(key, ANSWER)
+            await writer.flush()
+            wall.now += 59.9
+            found = await reader.prefetch([key])
+            fresh = reader.get(key) == ANSWER
+            local_b.now += 0.2
+            wall.now += 0.2
+            stale = reader.get(key) is None
+            return fresh, stale, found
+        finally:
+            await writer.aclose()
+            await reader.aclose()
+
+    fresh, stale, found = asyncio.run(scenario())
+    assert found == 1 and fresh, "the answer is shared while it lives"
+    assert stale, "served past its TTL"
+
+
+def test_a_value_this_cache_did_not_write_is_a_miss(redis_srv: RedisServer) -> None:
+    """Whatever else sits under the key (an old layout, a stray write): a counted miss."""
+    keys = [("1.0", f"E{i}", None, None, None) for i in range(4)]
+    client = redis_srv.client()
+    for key, raw in zip(keys, ["not json", '{"score": 1}', "[1e300, 5]", '["x", {}]'], strict=True):
+        client.set(SharedPredictionCache.redis_key(key), raw, px=60_000)
+    client.close()
+
+    async def scenario() -> tuple[int, int]:
+        cache = SharedPredictionCache(redis_srv.url, maxsize=10, ttl_s=60)
+        try:
+            return await cache.prefetch(keys), cache.shared_errors
+        finally:
+            await cache.aclose()
+
+    assert asyncio.run(scenario()) == (0, 4)

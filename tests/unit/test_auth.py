@@ -142,6 +142,23 @@ def test_a_keys_file_is_re_read_at_most_once_per_interval_and_on_content_change(
     assert checker.is_valid(KEY_B)
 
 
+def test_adding_a_key_to_a_file_without_a_last_newline_keeps_the_last_key(
+    tmp_path: Path,
+) -> None:
+    """`printf KEY > file` and `kubectl create secret --from-literal` write no newline:
+    the added line must not glue itself onto the last key (which silently revoked it)."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# keys\n{KEY_A}")
+    added = append_key(keys_file, "alice")
+    config = AuthConfig(keys_env="NO_SUCH_ENV", keys_file=str(keys_file))
+    checker = KeyChecker(config)
+    assert checker.require(KEY_A) == hashlib.sha256(KEY_A.encode()).hexdigest()[:32]
+    assert checker.require(added) == "id:alice"
+    assert keys_file.read_text() == f"# keys\n{KEY_A}\nalice:{added}\n"
+    append_key(keys_file, "bob")  # with a last newline: no blank line added
+    assert "\n\n" not in keys_file.read_text()
+
+
 def test_named_keys_own_jobs_by_name_so_rotation_keeps_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
