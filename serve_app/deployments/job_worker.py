@@ -29,12 +29,15 @@ from ray.exceptions import RayActorError
 from ray.serve.config import AutoscalingContext
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.api.validation import parse_item
 from serve_app.config import JobsConfig, JobWorkerTuning
+from serve_app.errors import InvalidInput
 from serve_app.jobs import Job, JobQueue, open_job_queue
 from serve_app.jobs.webhooks import Attempt, backoff_s, deliver, event_body, read_secret
 from serve_app.logs import route_to_serve_logs
 from serve_app.metrics import JobMetrics
 from serve_app.scoring.answers import job_result
+from serve_app.scoring.items import Item
 
 logger = logging.getLogger("serve_app.jobs")
 
@@ -213,11 +216,7 @@ class JobWorker:
             pending = await asyncio.to_thread(self._queue.pending_items, job.id, config.chunk_size)
             if not pending:
                 break
-            scored = await self._score_chunk([item for _, item in pending])
-            results = [
-                (idx, job_result(item, result))
-                for (idx, item), result in zip(pending, scored["results"], strict=True)
-            ]
+            results = await self._score_stored(pending)
             kept = await asyncio.to_thread(
                 self._queue.save_results, job.id, self._worker, config.lease_s, results
             )
@@ -226,6 +225,27 @@ class JobWorker:
                 return
             self._metrics.record_items(result for _, result in results)
         await self._finish(job, "succeeded", None)
+
+    async def _score_stored(self, pending: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        """Results for a chunk of stored items. Each item is checked again: one that the
+        queue's database holds in another shape than submission stored (edited by hand,
+        a bad migration) fails alone, instead of failing the Model batch it would share
+        with live predictions, and the job with it after ``max_claims``."""
+        results: list[tuple[int, Any]] = []
+        valid: list[tuple[int, Item]] = []
+        for idx, stored in pending:
+            try:
+                valid.append((idx, parse_item(stored)))
+            except InvalidInput as exc:
+                logger.warning("job item %d is not a valid item in the queue: %s", idx, exc)
+                results.append((idx, {"ok": False, "error": exc.to_dict()}))
+        if valid:
+            scored = await self._score_chunk([item for _, item in valid])
+            results += [
+                (idx, job_result(item, result))
+                for (idx, item), result in zip(valid, scored["results"], strict=True)
+            ]
+        return sorted(results, key=lambda entry: entry[0])
 
     async def _score_chunk(self, items: list[Any]) -> Any:
         """One Model call; sent once more if its replica died (scoring is idempotent), so a

@@ -31,7 +31,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from serve_app.errors import QueueBusy
-from serve_app.jobs.queue import IdempotencyConflict, Job, is_job_id
+from serve_app.jobs.queue import IdempotencyConflict, Job, decode_item, is_job_id
 
 SCHEMA_VERSION = 2
 _MIGRATION_LOCK = 0x5E27E_A99  # pg_advisory_xact_lock key: one migrator at a time
@@ -316,7 +316,7 @@ class PostgresJobQueue:
             )
             return cursor.rowcount == 1
 
-    def pending_items(self, job_id: str, limit: int) -> list[tuple[int, dict[str, Any]]]:
+    def pending_items(self, job_id: str, limit: int) -> list[tuple[int, Any]]:
         """Items without a result yet, in order (after a crash: only the unfinished ones).
 
         ``job_items.done`` is set in the transaction that stores the item's result, and a
@@ -329,7 +329,7 @@ class PostgresJobQueue:
                 " ORDER BY idx LIMIT %s",
                 (job_id, limit),
             ).fetchall()
-        return [(idx, json.loads(item)) for idx, item in rows]
+        return [(idx, decode_item(item)) for idx, item in rows]
 
     def save_results(
         self,

@@ -6,6 +6,7 @@ run them with ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,15 @@ from typing import Any, Protocol
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def decode_item(text: str) -> Any:
+    """A stored item as JSON, or the text itself when it is not JSON: the worker checks
+    every item before scoring and fails a malformed one alone (not the whole chunk)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def is_job_id(text: str) -> bool:
@@ -125,7 +135,7 @@ class JobQueue(Protocol):
         JobWorker's heartbeat); False when it no longer holds it."""
         ...
 
-    def pending_items(self, job_id: str, limit: int) -> list[tuple[int, dict[str, Any]]]: ...
+    def pending_items(self, job_id: str, limit: int) -> list[tuple[int, Any]]: ...
 
     def save_results(
         self,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.errors import QueueBusy
-from serve_app.jobs.queue import IdempotencyConflict, Job, is_job_id
+from serve_app.jobs.queue import IdempotencyConflict, Job, decode_item, is_job_id
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -345,7 +345,7 @@ class SQLiteJobQueue:
             )
             return cursor.rowcount == 1
 
-    def pending_items(self, job_id: str, limit: int) -> list[tuple[int, dict[str, Any]]]:
+    def pending_items(self, job_id: str, limit: int) -> list[tuple[int, Any]]:
         """Items without a result yet, in order (after a crash: only the unfinished ones)."""
         with self._connect() as db:
             rows = db.execute(
@@ -354,7 +354,7 @@ class SQLiteJobQueue:
                 " WHERE i.job_id = ? AND r.idx IS NULL ORDER BY i.idx LIMIT ?",
                 (job_id, limit),
             ).fetchall()
-        return [(idx, json.loads(item)) for idx, item in rows]
+        return [(idx, decode_item(item)) for idx, item in rows]
 
     def save_results(
         self,

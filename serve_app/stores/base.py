@@ -10,8 +10,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from serve_app.errors import StoreUnavailable
+
 FeatureRow = dict[str, Any]
 LookupStatus = Literal["ok", "degraded", "unavailable"]
+_SCALAR = (str, int, float, bool, type(None))
+
+
+def checked_rows(rows: object, asked: Sequence[str]) -> dict[str, FeatureRow]:
+    """The rows of the ``asked`` ids, each a flat JSON object, or ``StoreUnavailable``.
+
+    Remote and shared stores answer what they hold, not what we wrote: a row that is no
+    object, or holds lists or objects, failed the whole Model batch it reached (a 500
+    for every coalesced caller) and stayed in the feature cache. A corrupt row is the
+    store failing (degraded or unavailable answers, as ``store.on_error`` says); rows
+    for ids nobody asked for are dropped.
+    """
+    if not isinstance(rows, dict):
+        raise StoreUnavailable(f"the store answered {type(rows).__name__}, not rows by id")
+    wanted = set(asked)
+    found: dict[str, FeatureRow] = {}
+    for entity, row in rows.items():
+        if entity not in wanted:
+            continue
+        if not isinstance(row, dict) or not all(isinstance(v, _SCALAR) for v in row.values()):
+            raise StoreUnavailable(f"corrupt feature row for {entity!r}: not a flat object")
+        found[entity] = row
+    return found
 
 
 class FeatureStore(Protocol):

@@ -14,7 +14,7 @@ from tenacity import (
 
 from serve_app.config import StoreConfig
 from serve_app.errors import StoreUnavailable
-from serve_app.stores.base import FeatureRow, FeatureStore
+from serve_app.stores.base import FeatureRow, FeatureStore, checked_rows
 
 
 class StoreClient:
@@ -26,11 +26,12 @@ class StoreClient:
 
     async def _attempt(self, entity_ids: Sequence[str]) -> dict[str, FeatureRow]:
         try:
-            return await asyncio.wait_for(self.store.get_many(entity_ids), self.config.timeout_s)
+            rows = await asyncio.wait_for(self.store.get_many(entity_ids), self.config.timeout_s)
         except TimeoutError as exc:
             raise StoreUnavailable(
                 f"store look-up timed out after {self.config.timeout_s}s"
             ) from exc
+        return checked_rows(rows, entity_ids)
 
     async def get_many(self, entity_ids: Sequence[str]) -> dict[str, FeatureRow]:
         retrying = AsyncRetrying(

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import httpx
 
 from serve_app.errors import StoreUnavailable
 from serve_app.stores.base import FeatureRow
+
+# A row is ~200 bytes of JSON; 4 KiB per id asked is generous, and bounds what a remote
+# that answers too much can make a replica hold and parse.
+MAX_BYTES_PER_ID = 4_096
 
 
 class HttpFeatureStore:
@@ -28,15 +33,36 @@ class HttpFeatureStore:
     async def get_many(self, entity_ids: Sequence[str]) -> dict[str, FeatureRow]:
         if not entity_ids:
             return {}
+        limit = MAX_BYTES_PER_ID * len(entity_ids) + 1_024
         try:
-            response = await self._client.post(
-                f"{self.url}/features/bulk", json={"ids": list(entity_ids)}
-            )
-            response.raise_for_status()
-            rows = response.json()["features"]
+            body = await self._post_bulk(list(entity_ids), limit)
+            answer = json.loads(body)
+            rows = answer["features"] if isinstance(answer, dict) else None
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             raise StoreUnavailable(f"feature API failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(rows, dict):
+            raise StoreUnavailable('feature API answered no {"features": {id: row}} object')
         return {entity: row for entity, row in rows.items() if row is not None}
+
+    async def _post_bulk(self, entity_ids: list[str], limit: int) -> bytes:
+        """The answer's body, read as it streams in, or ``StoreUnavailable`` past
+        ``limit`` bytes (the remote decides how much it sends, we how much we hold)."""
+        request = self._client.build_request(
+            "POST", f"{self.url}/features/bulk", json={"ids": entity_ids}
+        )
+        response = await self._client.send(request, stream=True)
+        try:
+            response.raise_for_status()
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise StoreUnavailable(f"feature API answer over {limit} bytes")
+                chunks.append(chunk)
+        finally:
+            await response.aclose()
+        return b"".join(chunks)
 
     async def ping(self) -> None:
         try:

@@ -190,6 +190,27 @@ def test_redis_bulk_look_up_is_one_round_trip(loaded_redis: str) -> None:
     assert commands <= {"cmdstat_config|resetstat", "cmdstat_hello", "cmdstat_client|setinfo"}
 
 
+@pytest.mark.parametrize("stored", ["null", "[1, 2]", '{"age": [1]}', "7"])
+def test_a_corrupt_redis_row_is_the_store_failing(loaded_redis: str, stored: str) -> None:
+    """A row someone else wrote into the shared Redis: not a score on default features
+    (``null`` was one), not a failed Model batch, but the store failing, as for bad JSON."""
+    import redis
+
+    from serve_app.stores.redis import feature_key
+
+    admin = redis.Redis.from_url(loaded_redis)
+    admin.set(feature_key("CORRUPT1"), stored)
+    admin.close()
+
+    async def scenario(store: FeatureStore) -> None:
+        client = StoreClient(store, StoreConfig(url=loaded_redis, attempts=1))
+        with pytest.raises(StoreUnavailable, match="CORRUPT1"):
+            await client.get_many([KNOWN[0], "CORRUPT1"])
+        assert set(await client.get_many([KNOWN[0]])) == {KNOWN[0]}
+
+    _with_store(loaded_redis, scenario)
+
+
 def test_redis_server_gone_is_store_unavailable() -> None:
     with redis_server() as server:
         url = server.url

@@ -1,7 +1,9 @@
 import asyncio
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,3 +67,75 @@ def test_slow_http_feature_api_times_out(small_store_path: Path) -> None:
         client = StoreClient(HttpFeatureStore(url), config(attempts=2))
         with pytest.raises(StoreUnavailable, match="timed out"):
             asyncio.run(client.get_many(["E0000001"]))
+
+
+def _hostile_feature_api(answers: dict[str, bytes]) -> Any:
+    """A remote feature API that answers ``answers[first id asked]`` verbatim."""
+    from fastapi import FastAPI, Request, Response
+
+    app = FastAPI()
+
+    @app.post("/features/bulk")
+    async def bulk(request: Request) -> Response:
+        ids = (await request.json())["ids"]
+        return Response(answers[ids[0]], media_type="application/json")
+
+    return app
+
+
+MALFORMED = {
+    "top-list": b"[]",
+    "features-null": b'{"features": null}',
+    "features-list": b'{"features": []}',
+    "row-number": b'{"features": {"row-number": 5}}',
+    "row-list-value": b'{"features": {"row-list-value": {"region": ["north"]}}}',
+    "row-object-value": b'{"features": {"row-object-value": {"age": {"x": 1}}}}',
+    "not-json": b"<html>oops</html>",
+}
+
+
+@pytest.mark.parametrize("entity", sorted(MALFORMED))
+def test_a_malformed_feature_api_answer_is_the_store_failing(entity: str) -> None:
+    """A row of the wrong shape failed the whole Model batch (a 500 for every caller in
+    it) and stayed cached; a wrong envelope escaped the retries as a TypeError."""
+    from serve_app.stores.http import HttpFeatureStore
+    from tests.servers import serve_in_thread
+
+    with serve_in_thread(_hostile_feature_api(MALFORMED)) as url:
+
+        async def look_up() -> None:
+            store = HttpFeatureStore(url)
+            try:
+                await StoreClient(store, config(attempts=1, timeout_s=5)).get_many([entity])
+            finally:
+                await store.aclose()
+
+        with pytest.raises(StoreUnavailable):
+            asyncio.run(look_up())
+
+
+def test_rows_nobody_asked_for_are_dropped_and_a_huge_answer_is_refused() -> None:
+    """The remote decides how much it sends; a replica holds at most 4 KiB per id asked."""
+    from serve_app.stores.http import MAX_BYTES_PER_ID, HttpFeatureStore
+    from tests.servers import serve_in_thread
+
+    extra = {f"X{i}": {"age": 1.0} for i in range(10)}
+    huge = {f"H{i:06d}": {"age": 1.0, "region": "north"} for i in range(200_000)}
+    answers = {
+        "E1": json.dumps({"features": {"E1": {"age": 2.0}, **extra}}).encode(),
+        "H000000": json.dumps({"features": huge}).encode(),  # ~7 MB for one id
+    }
+    with serve_in_thread(_hostile_feature_api(answers)) as url:
+
+        async def look_up(ids: list[str]) -> dict[str, FeatureRow]:
+            store = HttpFeatureStore(url)
+            try:
+                return await StoreClient(store, config(attempts=1, timeout_s=5)).get_many(ids)
+            finally:
+                await store.aclose()
+
+        assert asyncio.run(look_up(["E1"])) == {"E1": {"age": 2.0}}
+        started = time.perf_counter()
+        with pytest.raises(StoreUnavailable, match=f"over {MAX_BYTES_PER_ID + 1_024} bytes"):
+            asyncio.run(look_up(["H000000"]))
+        assert time.perf_counter() - started < 5  # generous: stops reading at the cap

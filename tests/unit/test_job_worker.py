@@ -113,6 +113,40 @@ def test_job_progress_is_counted_by_outcome(tmp_path: Path) -> None:
     assert worker._metrics.jobs.calls == [(1.0, {"state": "succeeded"})]
 
 
+def test_a_malformed_stored_item_fails_alone(tmp_path: Path) -> None:
+    """Items the queue's database holds in another shape than submission stored (edited
+    by hand, a bad migration): each fails alone with its reason; the Model, whose batch
+    live predictions share, never sees them, and the job still succeeds."""
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    items = [{"entity_id": e, "context": {}} for e in ("E1", "E2", "E3", "E4", "E5")]
+    job, _ = queue.create("o", items, {}, None, None, "h")
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        for idx, stored in ((1, "{}"), (2, "not json"), (3, '{"entity_id": 5}')):
+            db.execute(
+                "UPDATE job_items SET item = ? WHERE job_id = ? AND idx = ?", (stored, job.id, idx)
+            )
+    claimed = queue.claim("w1", 30)
+    assert claimed is not None
+    worker = _worker(queue)
+    seen: list[Any] = []
+    score = worker._model.score.remote
+
+    async def watching(items: list[Any]) -> dict[str, Any]:
+        seen.extend(items)
+        return await score(items)
+
+    worker._model.score = SimpleNamespace(remote=watching)
+    asyncio.run(worker._run_job(claimed))
+    assert [item["entity_id"] for item in seen] == ["E1", "E5"]
+    final = queue.get(job.id, "o")
+    assert final is not None and final.state == "succeeded"
+    assert (final.done, final.failed) == (5, 3)
+    assert queue.pending_items(job.id, 10) == []  # every item has its result
+    stored = queue.results(job.id, 0, 10)
+    assert [r["ok"] for r in stored] == [True, False, False, False, True]
+    assert {r["error"]["code"] for r in stored[1:4]} == {"invalid_input"}
+
+
 def test_item_outcomes_count_errors_as_failed() -> None:
     assert item_outcomes([]) == {"succeeded": 0, "failed": 0}
     results = [{"ok": True, "score": 0.1}, {"ok": False, "error": {"code": "x"}}]
