@@ -44,6 +44,7 @@ class SingleFlightCache(Generic[K, V]):
         self.enabled = enabled
         self._cache: TTLCache[K, Any] = TTLCache(maxsize=maxsize, ttl=ttl_s, timer=timer)
         self._inflight: dict[K, asyncio.Future[Any]] = {}
+        self._loading: set[asyncio.Task[dict[K, Any]]] = set()  # referenced until done
         self.hits = 0
         self.misses = 0
         self.loads = 0
@@ -83,6 +84,22 @@ class SingleFlightCache(Generic[K, V]):
         futures = {key: loop.create_future() for key in keys}
         self._inflight.update(futures)
         self.loads += 1
+        # The load runs as its own task: when the caller that started it goes away
+        # (client gone, timeout), the callers waiting for the same keys still get them,
+        # instead of its CancelledError.
+        task = loop.create_task(self._fill(keys, loader, futures))
+        self._loading.add(task)
+        task.add_done_callback(self._load_done)
+        return await asyncio.shield(task)
+
+    def _load_done(self, task: asyncio.Task[dict[K, Any]]) -> None:
+        self._loading.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter got it already
+
+    async def _fill(
+        self, keys: list[K], loader: BulkLoader[K, V], futures: dict[K, asyncio.Future[Any]]
+    ) -> dict[K, Any]:
         try:
             loaded = await loader(keys)
         except BaseException as exc:

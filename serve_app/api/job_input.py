@@ -183,10 +183,20 @@ class JobCreator:
             )
         self._in_processes += 1
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._processes(), create_job, *args)
-        finally:
+            work = asyncio.get_running_loop().run_in_executor(self._processes(), create_job, *args)
+        except BaseException:
             self._in_processes -= 1
+            raise
+        # Counted until the worker is done, not until this caller stops waiting: a client
+        # that went away leaves its body being parsed, and the next large one must be
+        # refused at once, not queued behind it.
+        work.add_done_callback(self._worker_done)
+        return await asyncio.shield(work)
+
+    def _worker_done(self, work: asyncio.Future[tuple[Job, bool]]) -> None:
+        self._in_processes -= 1
+        if not work.cancelled():
+            work.exception()  # retrieved: a caller that went away leaves no warning
 
     def close(self) -> None:
         if self._pool is not None:

@@ -129,7 +129,13 @@ class JobWorker:
             try:
                 slots = self._slots
                 await slots.acquire()
-                job = await asyncio.to_thread(self._queue.claim, self._worker, self._config.lease_s)
+                try:
+                    job = await asyncio.to_thread(
+                        self._queue.claim, self._worker, self._config.lease_s
+                    )
+                except BaseException:  # a busy or restarting database: the slot is free again
+                    slots.release()
+                    raise
                 if job is None:
                     slots.release()
                     await asyncio.sleep(self._config.poll_interval_s)

@@ -12,12 +12,19 @@ slower the downstream call, the larger the next batch, which is what keeps hops 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from serve_app.errors import ServiceError
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class CallCancelled(ServiceError):
+    """The shared call was cancelled under its callers (not by them): a 503, retry."""
 
 
 class Coalescer(Generic[T, R]):
@@ -62,7 +69,11 @@ class Coalescer(Generic[T, R]):
     def _start_workers(self) -> None:
         self._workers = [task for task in self._workers if not task.done()]
         while len(self._workers) < self._max_in_flight:
-            self._workers.append(asyncio.create_task(self._work(len(self._workers))))
+            # A fresh context, not the first caller's (a task copies its creator's): Ray
+            # Serve files a handle call under the request in the context, so every later
+            # shared call was that request's child, cancelled when its client went away.
+            work = self._work(len(self._workers))
+            self._workers.append(asyncio.create_task(work, context=contextvars.Context()))
 
     async def submit(self, item: T) -> R:
         if not self._workers:
@@ -107,11 +118,23 @@ class Coalescer(Generic[T, R]):
                 results = await self._call([item for item, _ in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"{len(results)} results for {len(batch)} items")
+            except asyncio.CancelledError:
+                # Raised by the call itself (Ray cancelled its routing), or the worker is
+                # being stopped: either way this batch's callers get an answer, not a hang.
+                _fail(batch, CallCancelled("the shared model call was cancelled; retry"))
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                continue
             except Exception as exc:  # every caller of this batch gets it; the worker lives on
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                _fail(batch, exc)
                 continue
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+
+def _fail(batch: list[tuple[T, asyncio.Future[R]]], exc: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)

@@ -145,3 +145,25 @@ def test_hit_counts_are_per_call_even_when_calls_interleave() -> None:
         return [hits for _, hits in await asyncio.gather(*calls)]
 
     assert asyncio.run(scenario()) == [1, 1, 1, 1]
+
+
+def test_a_cancelled_leader_does_not_cancel_the_callers_waiting_for_its_load() -> None:
+    """The caller that started a load goes away (client gone, timeout): the callers
+    waiting for the same keys got its CancelledError (a failed Model batch, a 500)."""
+    loader = CountingLoader({"a", "b"}, delay=0.05)
+
+    async def scenario() -> tuple[dict[str, str], int]:
+        cache: SingleFlightCache[str, str] = SingleFlightCache(maxsize=100, ttl_s=60)
+        leader = asyncio.create_task(cache.get_many(["a", "b"], loader))
+        await asyncio.sleep(0.01)
+        follower = asyncio.create_task(cache.get_many(["a"], loader))
+        await asyncio.sleep(0.01)
+        leader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        rows, _ = await asyncio.wait_for(follower, 2)
+        return rows, len(cache)
+
+    rows, cached = asyncio.run(scenario())
+    assert rows == {"a": "A"}
+    assert cached == 2 and len(loader.calls) == 1  # the load finished and was kept

@@ -1,8 +1,9 @@
 import asyncio
+import contextvars
 
 import pytest
 
-from serve_app.scoring.coalescer import Coalescer
+from serve_app.scoring.coalescer import CallCancelled, Coalescer
 
 
 class SlowDouble:
@@ -136,3 +137,68 @@ def test_entries_weighed_by_size_bound_the_items_per_call() -> None:
     assert asyncio.run(scenario()) == [4, 4, 4, 25, 2, 3]
     assert calls == [[4, 4], [4], [25], [2, 3]]
     assert (coalescer.batches, coalescer.items) == (4, 42)  # items, not entries
+
+
+def test_a_shared_call_cancelled_under_its_callers_fails_them_and_the_worker_lives() -> None:
+    """Awaiting a Ray response raises CancelledError when Serve cancels its routing. That
+    killed the worker: the batch's callers hung, and so did every later request."""
+    calls = 0
+
+    async def call(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        if calls == 1:
+            raise asyncio.CancelledError()
+        return [item * 2 for item in items]
+
+    async def scenario() -> None:
+        coalescer = Coalescer(call, max_batch_size=64, wait_s=0.002, max_in_flight=1)
+        first = await asyncio.wait_for(
+            asyncio.gather(*(coalescer.submit(i) for i in range(3)), return_exceptions=True), 2
+        )
+        assert all(isinstance(outcome, CallCancelled) for outcome in first), first
+        assert first[0].status_code == 503
+        assert await asyncio.wait_for(coalescer.submit(7), 2) == 14  # the worker lives on
+
+    asyncio.run(scenario())
+
+
+def test_shared_calls_run_in_no_callers_context() -> None:
+    """A task copies its creator's context, and the first caller created the workers: Ray
+    Serve would file every later shared call under that one request (and cancel them all
+    with it). The calls see none of their callers' context."""
+    request = contextvars.ContextVar("request", default="none")
+    seen: list[str] = []
+
+    async def call(items: list[int]) -> list[int]:
+        seen.append(request.get())
+        return items
+
+    async def caller(coalescer: Coalescer[int, int], i: int) -> int:
+        request.set(f"request-{i}")
+        return await coalescer.submit(i)
+
+    async def scenario() -> None:
+        coalescer = Coalescer(call, max_batch_size=1, wait_s=0, max_in_flight=2)
+        assert await asyncio.gather(*(caller(coalescer, i) for i in range(4))) == [0, 1, 2, 3]
+
+    asyncio.run(scenario())
+    assert seen and set(seen) == {"none"}, seen
+
+
+def test_stopping_a_worker_mid_call_answers_its_callers() -> None:
+    async def call(items: list[int]) -> list[int]:
+        await asyncio.sleep(10)
+        return items
+
+    async def scenario() -> None:
+        coalescer = Coalescer(call, max_batch_size=8, wait_s=0, max_in_flight=1)
+        waiting = asyncio.gather(coalescer.submit(1), coalescer.submit(2), return_exceptions=True)
+        await asyncio.sleep(0.05)
+        for worker in coalescer._workers:
+            worker.cancel()
+        outcomes = await asyncio.wait_for(waiting, 2)
+        assert all(isinstance(outcome, CallCancelled) for outcome in outcomes), outcomes
+
+    asyncio.run(scenario())

@@ -102,3 +102,54 @@ def test_a_large_body_is_refused_at_once_when_every_worker_is_busy(
     finally:
         release.set()
         pool.shutdown()
+
+
+def test_a_caller_that_goes_away_leaves_its_worker_counted_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count dropped when the caller's handler was cancelled, though its worker was
+    still parsing: the next large body queued behind it instead of a 503 at once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_app.api import job_input
+
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def slow_create(*args: object) -> tuple[str, bool]:
+        started.release()
+        release.wait(10)
+        return "job", True
+
+    jobs = JobsConfig(queue_url=f"sqlite:///{tmp_path / 'jobs.db'}")
+    creator = JobCreator(jobs, SQLiteJobQueue(tmp_path / "jobs.db"), webhooks_configured=True)
+    pool = ThreadPoolExecutor(job_input.WORKER_PROCESSES)
+    monkeypatch.setattr(creator, "_processes", lambda: pool)
+    monkeypatch.setattr(job_input, "create_job", slow_create)
+    large = b" " * (IN_PROCESS_MAX_BYTES + 1)
+
+    async def scenario() -> None:
+        gone = [
+            asyncio.create_task(creator.create(large, f"key{i}", None))
+            for i in range(job_input.WORKER_PROCESSES)
+        ]
+        for _ in gone:
+            await asyncio.to_thread(started.acquire)
+        for task in gone:
+            task.cancel()  # the clients went away; their bodies are still being parsed
+        await asyncio.gather(*gone, return_exceptions=True)
+        with pytest.raises(Overloaded):
+            await creator.create(large, "another", None)
+        release.set()
+        for _ in range(100):  # the workers finish the orphaned bodies
+            if creator._in_processes == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert await creator.create(large, "another", None) == ("job", True)  # free again
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        pool.shutdown()

@@ -5,6 +5,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from serve_app.config import JobsConfig
 from serve_app.deployments.job_worker import JobWorker, queue_depth_policy
 from serve_app.jobs.sqlite import SQLiteJobQueue
@@ -245,3 +247,52 @@ def test_a_hung_chunk_ends_the_attempt_and_the_lease_with_it(tmp_path: Path) -> 
     asyncio.run(scenario())
     again = queue.claim("w2", 30)
     assert again is not None and again.id == job.id and again.claims == 2
+
+
+def test_a_failed_claim_gives_its_job_slot_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that raised (database locked, restarting) kept its slot: with the default
+    two slots, two such errors stopped the worker for good while it looked healthy."""
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    worker = _worker(queue)
+    failures = 0
+    real_claim = queue.claim
+
+    def flaky_claim(*args: Any) -> Any:
+        nonlocal failures
+        if failures < 3:
+            failures += 1
+            raise sqlite3.OperationalError("database is locked")
+        return real_claim(*args)
+
+    monkeypatch.setattr(queue, "claim", flaky_claim)
+    real_sleep = asyncio.sleep
+
+    async def short_sleep(seconds: float) -> None:
+        await real_sleep(min(seconds, 0.01))
+
+    monkeypatch.setattr(asyncio, "sleep", short_sleep)
+    worker._config = JobsConfig(chunk_size=2, poll_interval_s=0.01)
+    worker._running = set()
+
+    async def scenario() -> tuple[int, str | None]:
+        worker._slots = asyncio.Semaphore(2)
+        loop = asyncio.create_task(worker._claim_loop())
+        await real_sleep(0.2)
+        job, _ = queue.create("o", [{"entity_id": "E1", "context": {}}], {}, None, None, "h")
+        for _ in range(200):
+            final = queue.get(job.id, "o")
+            if final is not None and final.state == "succeeded":
+                break
+            await real_sleep(0.02)
+        loop.cancel()  # the loop may hold a slot mid-claim: cancelling gives it back
+        await asyncio.gather(loop, *worker._running, return_exceptions=True)
+        free = worker._slots._value
+        final = queue.get(job.id, "o")
+        return free, None if final is None else final.state
+
+    free, state = asyncio.run(scenario())
+    assert failures == 3
+    assert state == "succeeded", "no slot was left to claim the job"
+    assert free == 2
