@@ -11,9 +11,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
 from serve_app.config import StrictModel
+from serve_app.scoring.items import ENTITY_ID_MAX_LENGTH, ENTITY_ID_PATTERN
 
 EntityId = Annotated[
-    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    str,
+    StringConstraints(min_length=1, max_length=ENTITY_ID_MAX_LENGTH, pattern=ENTITY_ID_PATTERN),
 ]
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from serve_app.config import AppConfig, sqlite_path
 from serve_app.errors import ArtifactError
 from serve_app.offline.datagen import generate_entities
-from serve_app.offline.training import train, write_artifact
+from serve_app.offline.training import check_replaceable, train, write_artifact
 from serve_app.scoring.artifact import METADATA_FILE
 from serve_app.stores.sqlite import write_sqlite_store
 
@@ -52,6 +52,8 @@ def build_artifacts(config: AppConfig, force: bool = False) -> None:
     with _file_lock(model_dir.parent / ".build.lock"):
         if not force and not missing_artifacts(config):
             return
+        if force or not (model_dir / METADATA_FILE).is_file():
+            check_replaceable(model_dir)  # before the training, not after it
         started = time.perf_counter()
         # A progress bar on a terminal (disable=None: off when stderr is not a TTY).
         progress = tqdm(total=4, desc="build artifacts", unit="step", disable=None)

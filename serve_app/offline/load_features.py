@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 import sys
 import time
@@ -33,10 +34,11 @@ import pandas as pd
 from serve_app.config import expand_env
 from serve_app.errors import ConfigError
 from serve_app.scoring.features import CATEGORIES, ENTITY_CATEGORICAL, ENTITY_FEATURES
+from serve_app.scoring.items import ENTITY_ID_MAX_LENGTH, ENTITY_ID_PATTERN
 from serve_app.stores.redis import META_KEY, RESERVED_ID, feature_key
 
 REQUIRED = ("entity_id", *ENTITY_FEATURES)
-_MAX_ID_LENGTH = 256
+_ENTITY_ID = re.compile(ENTITY_ID_PATTERN.strip("^$"))  # used with fullmatch
 
 
 @dataclass
@@ -59,14 +61,24 @@ def read_input(source: Path, kind: str = "auto") -> pd.DataFrame:
     if not source.is_file():
         raise ConfigError(f"input not found: {source}")
     kind = _kind(source) if kind == "auto" else kind
+    if kind not in ("sqlite", "parquet", "csv"):
+        raise ConfigError(f"unknown input kind {kind!r}: sqlite, parquet or csv")
+    try:
+        return _read(source, kind)
+    except Exception as exc:  # pandas, pyarrow and sqlite3 each raise their own kinds
+        raise ConfigError(
+            f"cannot read {source} as {kind}: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from exc
+
+
+def _read(source: Path, kind: str) -> pd.DataFrame:
     if kind == "sqlite":
         with sqlite3.connect(f"file:{source}?mode=ro", uri=True) as db:
             return pd.read_sql_query("SELECT * FROM entities", db)
     if kind == "parquet":
         return pd.read_parquet(source)
-    if kind == "csv":  # everything as text: the validator decides what is a number
-        return pd.read_csv(source, dtype=str, keep_default_na=False)
-    raise ConfigError(f"unknown input kind {kind!r}: sqlite, parquet or csv")
+    # CSV: everything as text, the validator decides what is a number; UTF-8 only
+    return pd.read_csv(source, dtype=str, keep_default_na=False, encoding="utf-8")
 
 
 def _kind(source: Path) -> str:
@@ -125,8 +137,13 @@ def validate_row(raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     entity = raw.get("entity_id")
     if _missing(entity) or not isinstance(entity, str) or not entity.strip():
         raise ValueError(f"entity_id: {entity!r} is not a non-empty string")
-    if len(entity) > _MAX_ID_LENGTH:
-        raise ValueError(f"entity_id: longer than {_MAX_ID_LENGTH} characters")
+    if len(entity) > ENTITY_ID_MAX_LENGTH:
+        raise ValueError(f"entity_id: longer than {ENTITY_ID_MAX_LENGTH} characters")
+    if not _ENTITY_ID.fullmatch(entity):
+        raise ValueError(
+            f"entity_id: {entity!r} has characters the API refuses (letters, digits, "
+            "'_', '.', ':' and '-' only): it could never be looked up"
+        )
     if entity == RESERVED_ID:
         raise ValueError(f"entity_id: {RESERVED_ID!r} is reserved (the store's metadata key)")
     row = {

@@ -22,6 +22,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OrdinalEncoder
 from threadpoolctl import threadpool_limits
 
+from serve_app.errors import ArtifactError
 from serve_app.offline.datagen import generate_training_events
 from serve_app.scoring.artifact import METADATA_FILE, MODEL_FILE, record_built, sha256_of
 from serve_app.scoring.features import (
@@ -86,10 +87,34 @@ def train(entities: Any, seed: int) -> tuple[Pipeline, dict[str, float]]:
     return pipeline, metrics
 
 
+ARTIFACT_FILES = (MODEL_FILE, METADATA_FILE)
+
+
+def check_replaceable(model_dir: Path) -> None:
+    """Refuse to build into a directory that holds anything but a model artifact.
+
+    A build replaces the directory. Pointed (by a typo, or at a folder holding another
+    model) at a directory of other files, it deleted them.
+    """
+    if not model_dir.exists():
+        return
+    if not model_dir.is_dir():
+        raise ArtifactError(f"artifacts.model_dir {model_dir} is a file, not a directory")
+    others = sorted(child.name for child in model_dir.iterdir() if child.name not in ARTIFACT_FILES)
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ArtifactError(
+            f"artifacts.model_dir {model_dir} holds files that are not this model's "
+            f"({shown}): refusing to replace it. Point model_dir at a new or empty "
+            "directory, or move those files away."
+        )
+
+
 def write_artifact(
     model_dir: Path, pipeline: Pipeline, metrics: dict[str, float], seed: int
 ) -> dict[str, Any]:
     """Write model and metadata into a temp dir, then rename: readers never see half."""
+    check_replaceable(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".model-", dir=model_dir.parent))
     joblib.dump(pipeline, staging / MODEL_FILE)
@@ -107,8 +132,8 @@ def write_artifact(
     }
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
     if model_dir.exists():
-        for child in model_dir.iterdir():
-            child.unlink()
+        for name in ARTIFACT_FILES:
+            (model_dir / name).unlink(missing_ok=True)
         model_dir.rmdir()
     os.replace(staging, model_dir)
     record_built(model_dir, checksum)  # this process may serve it without a pin

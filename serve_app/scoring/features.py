@@ -90,5 +90,5 @@ def number(value: Any) -> float:
         return np.nan
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # an int of 400 digits: no float
         return np.nan

@@ -11,6 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+# What an entity id may be, at the API and in the loader alike: an id the API refuses
+# could be loaded but never looked up.
+ENTITY_ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+ENTITY_ID_MAX_LENGTH = 64
+
 Item = dict[str, Any]
 ItemResult = dict[str, Any]
 ItemKey = tuple[Any, ...]

@@ -39,7 +39,8 @@ class HttpFeatureStore:
             answer = json.loads(body)
             rows = answer["features"] if isinstance(answer, dict) else None
         except (httpx.HTTPError, ValueError, KeyError) as exc:
-            raise StoreUnavailable(f"feature API failed: {type(exc).__name__}: {exc}") from exc
+            detail = _without_credentials(str(exc), self.url)
+            raise StoreUnavailable(f"feature API failed: {type(exc).__name__}: {detail}") from exc
         if not isinstance(rows, dict):
             raise StoreUnavailable('feature API answered no {"features": {id: row}} object')
         return {entity: row for entity, row in rows.items() if row is not None}
@@ -68,7 +69,17 @@ class HttpFeatureStore:
         try:
             (await self._client.get(f"{self.url}/healthz")).raise_for_status()
         except httpx.HTTPError as exc:
-            raise StoreUnavailable(f"feature API unreachable: {exc}") from exc
+            detail = _without_credentials(str(exc), self.url)
+            raise StoreUnavailable(f"feature API unreachable: {detail}") from exc
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _without_credentials(text: str, url: str) -> str:
+    """``text`` (httpx's error, which quotes the URL) without the URL's user and password:
+    ``store.url`` may carry them from the environment, and the text goes to the logs."""
+    parts = httpx.URL(url)
+    if not parts.userinfo:
+        return text
+    return text.replace(parts.userinfo.decode() + "@", "***@")

@@ -69,3 +69,36 @@ def test_parquet_input(redis_srv: RedisServer, tmp_path: Path) -> None:
     generate_entities(50, 3).reset_index().to_parquet(path)
     args = ["load-features", "--to", redis_srv.url, "--from", str(path), "--quiet"]
     assert main(args) == 0
+
+
+@pytest.mark.parametrize(
+    "entity_id", ["E 1", " E1", "E1\n", "caf\u00e9", "a/b", "E" * 65, "E1;DROP", "_meta"]
+)
+def test_an_id_the_api_would_refuse_is_refused_at_load(entity_id: str) -> None:
+    """Loaded, such an id could never be looked up: the API refuses it."""
+    from serve_app.offline.load_features import validate_row
+
+    row = generate_entities(1, 7).reset_index().iloc[0].to_dict()
+    validate_row(row)  # the generated id itself loads
+    with pytest.raises(ValueError, match="entity_id"):
+        validate_row({**row, "entity_id": entity_id})
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("latin1.csv", "entity_id,age\nE1,caf\xe9\n".encode("latin-1")),
+        ("ragged.csv", b"entity_id,age\nE1,3\nE2,3,4,5\n"),
+        ("fake.parquet", b"not parquet at all"),
+    ],
+)
+def test_an_unreadable_input_is_exit_2_with_its_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: bytes
+) -> None:
+    """Exit 1 means "rows were refused"; an input that cannot be read at all is 2, with
+    the file named, not a traceback. Nothing is sent: the port is closed."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert main(["load-features", "--to", "redis://127.0.0.1:1", "--from", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {path}" in err and "Traceback" not in err

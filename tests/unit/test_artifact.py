@@ -175,3 +175,30 @@ def test_build_prints_the_digest_and_the_yaml_line(
     assert main(["build", str(config_file)]) == 0
     digest = sha256_of(Path(small_config.artifacts.model_dir) / MODEL_FILE)
     assert capsys.readouterr().out.strip() == f'artifacts: {{sha256: "{digest}"}}'
+
+
+def test_a_build_never_deletes_files_that_are_not_a_model(tmp_path: Path) -> None:
+    """model_dir pointed (by a typo) at a directory of other files: start-up's build
+    replaced the directory and deleted them."""
+    from serve_app.offline.training import write_artifact
+
+    model_dir = tmp_path / "data"
+    model_dir.mkdir()
+    (model_dir / "my_model.bin").write_bytes(b"theirs")
+    (model_dir / MODEL_FILE).write_bytes(b"a half-written model")
+    with pytest.raises(ArtifactError, match=r"my_model\.bin"):
+        write_artifact(model_dir, object(), {}, seed=1)  # type: ignore[arg-type]
+    assert (model_dir / "my_model.bin").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no staging left
+
+
+def test_a_build_into_a_directory_of_model_files_replaces_them(
+    small_config: AppConfig, tmp_path: Path
+) -> None:
+    from serve_app.offline.training import write_artifact
+
+    model_dir = _copy_model(small_config, tmp_path / "model")
+    loaded = load_artifact(model_dir)
+    metadata = write_artifact(model_dir, loaded.pipeline, {"roc_auc": 0.5}, seed=1)
+    assert sorted(p.name for p in model_dir.iterdir()) == [METADATA_FILE, MODEL_FILE]
+    assert read_metadata(model_dir)["sha256"] == metadata["sha256"]

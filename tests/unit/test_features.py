@@ -51,3 +51,12 @@ def test_build_frame_turns_unknown_categories_into_missing() -> None:
     frame = build_frame([{"region": "mars", "segment": "gold"}], [{"channel": "fax"}])
     assert pd.isna(frame.loc[0, "region"]) and pd.isna(frame.loc[0, "channel"])
     assert frame.loc[0, "segment"] == "gold"
+
+
+def test_a_stored_integer_too_large_for_a_float_is_missing_not_a_failed_batch() -> None:
+    """float(10**400) raises OverflowError, which failed the whole Model batch (a 500 for
+    every coalesced caller); JSON from Redis or a feature API can carry such a number."""
+    huge = 10**400
+    frame = build_frame([{"income": huge, "age": 30}, {"age": 40}], [{}, {}])
+    assert math.isnan(frame.loc[0, "income"]) and frame.loc[0, "age"] == 30
+    assert frame.loc[1, "age"] == 40

@@ -139,3 +139,34 @@ def test_rows_nobody_asked_for_are_dropped_and_a_huge_answer_is_refused() -> Non
         with pytest.raises(StoreUnavailable, match=f"over {MAX_BYTES_PER_ID + 1_024} bytes"):
             asyncio.run(look_up(["H000000"]))
         assert time.perf_counter() - started < 5  # generous: stops reading at the cap
+
+
+def test_the_feature_api_password_never_reaches_the_logs() -> None:
+    """store.url may carry a user and password from the environment; httpx quotes the
+    URL in its errors, and those go to the FeatureFetcher's log on every failure."""
+    from fastapi import FastAPI, Response
+
+    from serve_app.stores.http import HttpFeatureStore
+    from tests.servers import serve_in_thread
+
+    app = FastAPI()
+
+    @app.post("/features/bulk")
+    async def broken() -> Response:
+        return Response(status_code=500)
+
+    with serve_in_thread(app) as url:
+        with_password = url.replace("http://", "http://svc:s3cr3t-token@")
+
+        async def look_up() -> str:
+            store = HttpFeatureStore(with_password)
+            try:
+                await StoreClient(store, config(attempts=1, timeout_s=5)).get_many(["E1"])
+            except StoreUnavailable as exc:
+                return exc.message
+            finally:
+                await store.aclose()
+            return "no error"
+
+        message = asyncio.run(look_up())
+    assert "500" in message and "s3cr3t-token" not in message and "***@" in message
