@@ -7,8 +7,10 @@ set still gets 404 ``unknown_entity`` during an outage, as it would with the sto
 
 Why a sorted numpy array and not a Bloom filter: it is exact. A Bloom filter's false
 positives are precisely the bug (an unknown id scored as if it existed), and at 1 % they
-would let one unknown id in a hundred through. 100,000 ids of 8 bytes take 0.8 MB; ten
-million take about 100 MB, where a Bloom filter would start to pay. A membership test of a
+would let one unknown id in a hundred through. Every entry is as wide as the longest id
+(at most 64 bytes, the API's limit): 100,000 ids of 8 bytes take 0.8 MB, ten million
+80 MB, and ten million with one id of 64 bytes 640 MB, where a Bloom filter would start
+to pay. A membership test of a
 whole batch is one vectorised ``searchsorted``.
 
 The set is loaded from the store when the replica starts and refreshed every
@@ -47,7 +49,11 @@ class KnownIds:
         self.loaded_at: float | None = None
 
     def replace(self, ids: Iterable[str]) -> None:
-        array = np.array(sorted({i.encode() for i in ids}), dtype=np.bytes_)
+        self.install(sorted_ids(ids))
+
+    def install(self, array: np.ndarray) -> None:
+        """Swap in an array made by :func:`sorted_ids` (one assignment: lookups see the
+        old set or the new one, never half)."""
         self._ids = array
         self.loaded_at = time.time()
 
@@ -121,6 +127,11 @@ async def load_ids(url: str) -> list[str]:
     raise ValueError("this feature store cannot list its ids")
 
 
+def sorted_ids(ids: Iterable[str]) -> np.ndarray:
+    """The ids as a sorted array of fixed-width byte strings (the width of the longest)."""
+    return np.array(sorted({i.encode() for i in ids}), dtype=np.bytes_)
+
+
 async def refresh(known: KnownIds, url: str) -> bool:
     """Reload ``known`` from the store; on failure keep the last set and say so."""
     try:
@@ -128,5 +139,7 @@ async def refresh(known: KnownIds, url: str) -> bool:
     except Exception as exc:  # the store may be down: that is when the old set matters
         logger.warning("known ids not refreshed (keeping %d): %r", known.size, exc)
         return False
-    known.replace(ids)
+    # Sorting a million ids takes over a second: off the event loop, which meanwhile
+    # keeps answering look-ups from the old set.
+    known.install(await asyncio.to_thread(sorted_ids, ids))
     return True

@@ -112,6 +112,15 @@ def create_job(
                 [{"type": "webhooks_not_configured"}],
             )
     queue = queue or _queue_for(jobs.queue_url)
+    if idempotency_key is not None:  # a resend gets its job, whatever the quota says now
+        earlier = queue.job_for_key(owner, idempotency_key)
+        if earlier is not None:
+            if earlier.body_hash != prepared.body_hash:
+                raise _reused_key()
+            return earlier, False
+    # Checked before the insert, not in its transaction: concurrent creations of one key
+    # (at most jobs.max_concurrent_creations_per_key per Ingress replica) can pass it
+    # together, so the cap is exceeded by at most their own items.
     valid = len(prepared.items) - len(prepared.rejected)
     check_backlog(queue.owner_backlog(owner), valid, jobs.max_queued_items_per_key)
     try:
@@ -124,10 +133,14 @@ def create_job(
             prepared.body_hash,
         )
     except IdempotencyConflict as exc:
-        raise Conflict(
-            "this Idempotency-Key was already used with a different body",
-            [{"type": "idempotency_key_reused"}],
-        ) from exc
+        raise _reused_key() from exc
+
+
+def _reused_key() -> Conflict:
+    return Conflict(
+        "this Idempotency-Key was already used with a different body",
+        [{"type": "idempotency_key_reused"}],
+    )
 
 
 def _exit_with(replica_pid: int) -> None:

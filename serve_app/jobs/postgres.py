@@ -246,6 +246,16 @@ class PostgresJobQueue:
             ).fetchone()
         return _job(row), False
 
+    def job_for_key(self, owner: str, idempotency_key: str) -> Job | None:
+        """The job ``owner`` created with ``idempotency_key``, if any."""
+        with self._connect() as db:
+            return _job(
+                db.execute(
+                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = %s AND idempotency_key = %s",
+                    (owner, idempotency_key),
+                ).fetchone()
+            )
+
     def owner_backlog(self, owner: str) -> int:
         """Items not yet done in ``owner``'s queued and running jobs (the per-key cap)."""
         with self._connect() as db:

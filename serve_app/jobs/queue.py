@@ -117,6 +117,10 @@ class JobQueue(Protocol):
         """Items not yet done in ``owner``'s queued and running jobs (for the per-key cap)."""
         ...
 
+    def job_for_key(self, owner: str, idempotency_key: str) -> Job | None:
+        """The job ``owner`` created with ``idempotency_key``, if any."""
+        ...
+
     def depth(self) -> int: ...
 
     def oldest_queued_age(self, now: float | None = None) -> float:

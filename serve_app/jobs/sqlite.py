@@ -288,6 +288,15 @@ class SQLiteJobQueue:
             ).fetchone()
         return (Job(*row) if row else None), cancelled
 
+    def job_for_key(self, owner: str, idempotency_key: str) -> Job | None:
+        """The job ``owner`` created with ``idempotency_key``, if any."""
+        with self._connect() as db:
+            row = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                (owner, idempotency_key),
+            ).fetchone()
+        return Job(*row) if row else None
+
     def owner_backlog(self, owner: str) -> int:
         """Items not yet done in ``owner``'s queued and running jobs (the per-key cap)."""
         with self._connect() as db:

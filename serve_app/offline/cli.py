@@ -98,6 +98,7 @@ def _load_features(args: argparse.Namespace) -> int:
 
 def _k8s(args: argparse.Namespace) -> int:
     from serve_app.config import read_env_file
+    from serve_app.errors import ConfigError
     from serve_app.offline.k8s import ManifestOptions, render_manifest
 
     options = ManifestOptions(
@@ -107,7 +108,11 @@ def _k8s(args: argparse.Namespace) -> int:
         name=args.name,
         ray_env=tuple(read_env_file(Path(args.env_file)).items()),
     )
-    text = render_manifest(Path(args.config), options)
+    try:
+        text = render_manifest(Path(args.config), options)
+    except ConfigError as exc:
+        print(f"k8s: {exc.message}", file=sys.stderr)
+        return 2
     if args.out == "-":
         print(text, end="")
     else:

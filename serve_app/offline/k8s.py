@@ -25,10 +25,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from serve_app.config import AppConfig, read_serve_yaml
+from serve_app.errors import ConfigError
 
 RAY_VERSION = "2.60.0"
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
@@ -98,8 +100,29 @@ def _container(
     }
 
 
+def refuse_inline_credentials(serve_config: dict[str, Any]) -> None:
+    """A URL with a literal password would be copied into the manifest (serveConfigV2):
+    refused, with the way to pass it as a Secret instead."""
+    for application in serve_config["applications"]:
+        config = AppConfig.model_validate(application.get("args") or {})
+        urls = {
+            "store.url": config.store.url,
+            "jobs.queue_url": config.jobs.queue_url,
+            "prediction_cache.url": config.prediction_cache.url or "",
+        }
+        for name, url in urls.items():
+            password = urlsplit(url).password if "://" in url else None
+            if password and not _ENV_REFERENCE.fullmatch(password):
+                raise ConfigError(
+                    f"{name} carries a password, which the manifest would show in plain "
+                    f"text: write it as ${{VAR}} (e.g. {name.split('.')[0].upper()}_URL) "
+                    "and put the value in the Secret"
+                )
+
+
 def build_manifest(serve_config: dict[str, Any], options: ManifestOptions) -> dict[str, Any]:
     """The RayService as a dict (see the module docstring for what is derived from what)."""
+    refuse_inline_credentials(serve_config)
     secrets = secret_variables(serve_config)
     per_worker = worker_cpus(serve_config, options.worker_replicas)
     per_worker_text = f"{per_worker:g}"

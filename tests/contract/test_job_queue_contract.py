@@ -114,6 +114,14 @@ def test_a_string_that_is_no_job_id_names_no_job(queue: JobQueue, job_id: str) -
     assert queue.get(job.id, "alice") is not None  # the real one is untouched
 
 
+def test_the_job_for_an_idempotency_key_is_the_owners_own(queue: JobQueue) -> None:
+    job, _ = queue.create("alice", ITEMS, {}, None, "key-9", "hash-a")
+    found = queue.job_for_key("alice", "key-9")
+    assert found is not None and found.id == job.id and found.body_hash == "hash-a"
+    assert queue.job_for_key("bob", "key-9") is None
+    assert queue.job_for_key("alice", "key-10") is None
+
+
 def test_idempotency_and_ownership(queue: JobQueue) -> None:
     job, _ = queue.create("alice", ITEMS, {}, None, "key-1", "hash-a")
     same, created = queue.create("alice", ITEMS, {}, None, "key-1", "hash-a")

@@ -145,3 +145,16 @@ def test_serve_env_reads_as_the_shell_reads_it() -> None:
 def test_a_missing_env_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_env_file(tmp_path / "serve.env")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_sanitises_the_request_id_at_the_edge(path: Path) -> None:
+    """Without this variable Ray echoes any X-Request-ID (300 characters, spaces, markup)
+    in the answer's header and its logs, unlike the id in the error body."""
+    from serve_app.api import request_id
+
+    for application in yaml.safe_load(path.read_text())["applications"]:
+        env = (application.get("runtime_env") or {}).get("env_vars") or {}
+        target = env.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH")
+        assert target == "serve_app.api.request_id:edge_middlewares", path.name
+        assert callable(getattr(request_id, target.split(":")[1]))

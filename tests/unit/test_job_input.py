@@ -12,7 +12,7 @@ import pytest
 
 from serve_app.api.job_input import IN_PROCESS_MAX_BYTES, JobCreator
 from serve_app.config import JobsConfig
-from serve_app.errors import InvalidInput, Overloaded, TooManyRequests
+from serve_app.errors import Conflict, InvalidInput, Overloaded, TooManyRequests
 from serve_app.jobs.sqlite import SQLiteJobQueue
 from serve_app.jobs.webhooks import CallbackRefused
 
@@ -153,3 +153,29 @@ def test_a_caller_that_goes_away_leaves_its_worker_counted_busy(
     finally:
         release.set()
         pool.shutdown()
+
+
+def test_a_resend_gets_its_job_even_when_its_own_items_fill_the_quota(tmp_path: Path) -> None:
+    """HAProxy and clients resend a creation with its Idempotency-Key when the answer was
+    lost. The quota counted the job's own items against the resend: a 429, and the
+    client never learned its job's id."""
+    jobs = JobsConfig(queue_url=f"sqlite:///{tmp_path / 'jobs.db'}", max_queued_items_per_key=3)
+    creator = JobCreator(jobs, SQLiteJobQueue(tmp_path / "jobs.db"), webhooks_configured=True)
+    three = json.dumps({"items": [{"entity_id": "E1"}] * 3}).encode()
+
+    async def scenario() -> None:
+        job, created = await creator.create(three, "carol", "order-42")
+        assert created
+        again, created = await creator.create(three, "carol", "order-42")
+        assert again.id == job.id and not created
+        with pytest.raises(Conflict):  # the key with another body: still a 409
+            await creator.create(
+                json.dumps({"items": [{"entity_id": "E2"}]}).encode(), "carol", "order-42"
+            )
+        with pytest.raises(TooManyRequests):  # a new job is still held to the quota
+            await creator.create(three, "carol", "order-43")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        creator.close()

@@ -103,3 +103,24 @@ def test_an_invalid_template_is_caught() -> None:
 def test_no_secret_value_is_written() -> None:
     text = render_manifest(CLUSTER, ManifestOptions())
     assert "password" not in text.lower() and "whsec_" not in text
+
+
+def test_a_literal_password_in_a_url_is_refused_not_copied(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """serveConfigV2 is the config itself: a password written into a URL would sit in the
+    manifest in plain text. A ${VAR} reference (the value in the Secret) is fine."""
+    cluster = yaml.safe_load(CLUSTER.read_text())
+    args = cluster["applications"][0]["args"]
+    args["store"] = {**(args.get("store") or {}), "url": "redis://:hunter2@redis:6379/0"}
+    literal = tmp_path / "literal.yaml"
+    literal.write_text(yaml.safe_dump(cluster))
+    out = tmp_path / "out.yaml"
+    assert main(["k8s", "--config", str(literal), "--out", str(out)]) == 2
+    assert "store.url carries a password" in capsys.readouterr().err
+    assert not out.exists()
+    args["store"]["url"] = "redis://:${REDIS_PASSWORD}@redis:6379/0"
+    referenced = tmp_path / "referenced.yaml"
+    referenced.write_text(yaml.safe_dump(cluster))
+    text = render_manifest(referenced, ManifestOptions())
+    assert "hunter2" not in text and "REDIS_PASSWORD" in text.splitlines()[1]
