@@ -309,6 +309,7 @@ def test_middleware_refuses_before_the_app_runs_and_leaves_other_routes_alone() 
     ran: list[bool] = []
 
     async def predict(request: Request) -> JSONResponse:
+        await request.body()  # counted in flight from here: its body has arrived
         ran.append(bool(request.scope.get(SCOPE_KEY)))
         await release.wait()
         return JSONResponse({"score": 0.5})
@@ -340,3 +341,53 @@ def test_middleware_refuses_before_the_app_runs_and_leaves_other_routes_alone() 
     assert refused.headers["Retry-After"] == "1"
     assert refused.json()["error"]["code"] == "overloaded"
     assert refused.json()["request_id"] == "r-1"
+
+
+def test_a_slow_upload_counts_in_flight_only_once_its_body_has_arrived() -> None:
+    """Counted from its headers, one request uploading slowly made the replica look busy
+    (the measured rate halved) and its age looked like queueing: bursts the replica could
+    serve were refused. Now the upload is the client's time."""
+    from types import SimpleNamespace
+
+    from starlette.types import Message
+
+    from serve_app.api.admission import AdmissionMiddleware
+
+    admission = Admission(1.0)
+    seen: list[tuple[int, int]] = []
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        seen.append((admission.inflight, len(admission._started)))
+        while True:
+            message = await receive()  # type: ignore[operator]
+            seen.append((admission.inflight, len(admission._started)))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"{}"})  # type: ignore[operator]
+
+    middleware = AdmissionMiddleware(app)  # type: ignore[arg-type]
+    state = SimpleNamespace(api_context=SimpleNamespace(admission=admission))
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/predict",
+        "headers": [],
+        "app": SimpleNamespace(state=state),
+    }
+    chunks: list[Message] = [
+        {"type": "http.request", "body": b"[1,", "more_body": True},
+        {"type": "http.request", "body": b"2,", "more_body": True},
+        {"type": "http.request", "body": b"3]", "more_body": False},
+    ]
+
+    async def receive() -> Message:
+        await asyncio.sleep(0.01)  # the client's slow upload
+        return chunks.pop(0)
+
+    async def send(message: Message) -> None:
+        return None
+
+    asyncio.run(middleware(scope, receive, send))  # type: ignore[arg-type]
+    assert seen == [(0, 0), (0, 0), (0, 0), (1, 1)]
+    assert admission.inflight == 0 and admission.admitted == 1 and not admission._started
