@@ -251,7 +251,7 @@ class SharedPredictionCache(PredictionCache):
                 left = min(float(expires_at) - now, self._ttl_s)
                 if not isinstance(answer, dict):
                     raise TypeError("an answer is a JSON object")
-            except (TypeError, ValueError):  # not what flush writes: a miss, counted
+            except (TypeError, ValueError, RecursionError):  # not flush's: a counted miss
                 self.shared_errors += 1
                 continue
             if left > 0:

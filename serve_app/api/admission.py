@@ -35,10 +35,11 @@ ended, so the 16th oldest was new.) The windows of the burst measure the new rat
 second, and the estimate decides again. (Waiting for evidence alone, always, would admit a burst at 4x for a whole
 ``max_queue_delay_s`` before refusing anything, and those requests would wait 4x as long.)
 
-A request counts in flight from the moment its body has arrived, not from its headers
-(the decision to admit is still made on the headers, where a refusal is cheap): a slow
-upload is the client's time, and counted as the replica's it lowered the measured rate
-and looked like queueing.
+A request is measured from the moment its body has arrived, not from its headers: a slow
+upload is the client's time, and measured as the replica's it lowered the drain rate and
+its age looked like queueing. It counts against the next admissions from its headers on
+(``pending`` until its body is in): a burst's bodies arrive within milliseconds, and not
+counting them let a burst of 100 past an in-flight limit of 10.
 
 The event loop's lag is measured and reported (``/v1/stats``) but does not decide: under
 a storm of refusals the loop is busy answering them, and refusing more because of it
@@ -102,7 +103,8 @@ class Admission:
         self._clock = clock
         self._monitor_loop = monitor_loop
         self._lag_task: asyncio.Task[None] | None = None
-        self.inflight = 0
+        self.inflight = 0  # admitted and its body arrived: measured (rate, latency)
+        self.pending = 0  # admitted, its body still arriving: counted, not measured
         self.admitted = 0
         self.refused = 0
         self.rate: float | None = None  # requests/s while busy; None until measured
@@ -153,7 +155,7 @@ class Admission:
         """
         if self.rate is None:
             return 0.0
-        return max(0.0, self.inflight / self.rate - self.service_s)
+        return max(0.0, self.load / self.rate - self.service_s)
 
     def oldest_wait_s(self, now: float | None = None) -> float:
         """How long the oldest request in flight has waited so far: its age less the
@@ -168,9 +170,15 @@ class Admission:
         """When the oldest request in flight was admitted (None with nothing in flight)."""
         return next(iter(self._started.values()), None)
 
+    @property
+    def load(self) -> int:
+        """Requests admitted and not finished: in flight, and those whose bodies are still
+        arriving (a burst's bodies arrive within milliseconds: they count against it)."""
+        return self.inflight + self.pending
+
     def extrapolating(self) -> bool:
         """More in flight than the rate was measured at, by far: the estimate is a guess."""
-        return self.inflight > EXTRAPOLATION * self.rate_concurrency
+        return self.load > EXTRAPOLATION * self.rate_concurrency
 
     def retry_after_s(self, now: float | None = None) -> int:
         """Seconds until what waits now (in flight + refused in the last second) drains."""
@@ -178,7 +186,7 @@ class Admission:
         self._forget_refusals(now)
         if self.rate is None:
             return 1
-        waiting = self.inflight + len(self._refusals)
+        waiting = self.load + len(self._refusals)
         drain = waiting / self._drain_rate(now)
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(drain)))
 
@@ -196,7 +204,7 @@ class Admission:
         rate = self.rate or 0.0
         oldest = self._oldest_start()
         if self.extrapolating() and oldest is not None and now > oldest:
-            rate = max(rate, self.inflight / (now - oldest))
+            rate = max(rate, self.load / (now - oldest))
         return rate
 
     def _forget_refusals(self, now: float) -> None:
@@ -238,9 +246,9 @@ class Admission:
         the concurrency the rate was measured at, a long estimate must be confirmed by a
         request that has really waited that long (module docstring).
         """
-        if self.max_inflight is not None and self.inflight >= self.max_inflight:
+        if self.max_inflight is not None and self.load >= self.max_inflight:
             return True
-        if self.inflight < MIN_INFLIGHT:
+        if self.load < MIN_INFLIGHT:
             return False
         if self.queue_delay_s() <= self.max_queue_delay_s:
             return False
@@ -254,8 +262,8 @@ class Admission:
             yield
 
     def check(self) -> None:
-        """:class:`Overloaded` if a request arriving now would wait too long; counts the
-        admission, not the request (that is :meth:`hold`)."""
+        """:class:`Overloaded` if a request arriving now would wait too long; else it is
+        admitted and pending until :meth:`hold` (or :meth:`abandon`)."""
         self._ensure_lag_monitor()
         now = self._clock()
         self._account(now)
@@ -273,13 +281,19 @@ class Admission:
             error.retry_after_s = self.retry_after_s(now)
             raise error
         self.admitted += 1
+        self.pending += 1
+
+    def abandon(self) -> None:
+        """An admitted request that ends before its body arrived (never :meth:`hold`)."""
+        self.pending -= 1
 
     @contextmanager
     def hold(self) -> Iterator[None]:
-        """Count a request in flight (its wait, the busy time, its latency) for the body
-        of the ``with``."""
+        """Count an admitted request in flight (its wait, the busy time, its latency) for
+        the body of the ``with``."""
         now = self._clock()
         self._account(now)
+        self.pending -= 1
         self.inflight += 1
         token = object()
         self._started[token] = now
@@ -297,6 +311,7 @@ class Admission:
         """Counters and the current measurement, for ``/v1/stats``."""
         return {
             "inflight": self.inflight,
+            "pending_bodies": self.pending,
             "admitted": self.admitted,
             "refused": self.refused,
             "drain_rate_per_s": None if self.rate is None else round(self.rate, 1),
@@ -363,11 +378,12 @@ class AdmissionMiddleware:
 
 
 class _CountedOnceReceived:
-    """Counts a request in flight from the moment its body has arrived, not from its
-    headers: a slow upload is the client's time, not the replica's queue. Counted from
-    the headers, one request uploading for 10 s at 50 req/s halved the measured drain
-    rate (the replica looked busy) and made its age the evidence of waiting: bursts of
-    30 and 100 that the replica could serve were a third and four fifths refused."""
+    """Measures a request from the moment its body has arrived, not from its headers (it
+    is ``pending`` until then): a slow upload is the client's time, not the replica's
+    queue. Measured from the headers, one request uploading for 10 s at 50 req/s halved
+    the measured drain rate (the replica looked busy) and made its age the evidence of
+    waiting: bursts of 30 and 100 that the replica could serve were a third and four
+    fifths refused."""
 
     def __init__(self, admission: Admission, receive: Receive) -> None:
         self._admission = admission
@@ -385,6 +401,8 @@ class _CountedOnceReceived:
     def release(self) -> None:
         if self._slot is not None:
             self._slot.__exit__(None, None, None)
+        else:
+            self._admission.abandon()
 
 
 async def _refuse(scope: Scope, send: Send, refused: Overloaded) -> None:

@@ -11,9 +11,10 @@ replica; beyond that the replica is busy: 503 with ``Retry-After``.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -54,14 +55,40 @@ def install_creation_slots(state: object, slots: CreationSlots) -> None:
     state.job_creation_slots = slots  # type: ignore[attr-defined]
 
 
-async def creation_slot(request: Request, owner: Owner) -> AsyncIterator[None]:
-    """Hold one of ``owner``'s creation slots for the whole request, body reading included."""
+class HeldSlot:
+    """One creation slot, released when the request ends, or when the work it is handed
+    to ends if that is later: a client that disconnects leaves its creation running (in a
+    thread or a worker process), and its slot must stay taken until that is done."""
+
+    def __init__(self, slots: CreationSlots, owner: str) -> None:
+        self._slots = slots
+        self._owner = owner
+        self._handed_over = False
+
+    def until_done(self, work: asyncio.Future[Any]) -> None:
+        self._handed_over = True
+        work.add_done_callback(self._work_done)
+
+    def _work_done(self, work: asyncio.Future[Any]) -> None:
+        self._slots.release(self._owner)
+        if not work.cancelled():
+            work.exception()  # retrieved: a caller that went away leaves no warning
+
+    def request_done(self) -> None:
+        if not self._handed_over:
+            self._slots.release(self._owner)
+
+
+async def creation_slot(request: Request, owner: Owner) -> AsyncIterator[HeldSlot]:
+    """Hold one of ``owner``'s creation slots for the whole request, body reading included
+    (and for the creation itself, when the handler hands it over: :class:`HeldSlot`)."""
     slots: CreationSlots = request.app.state.job_creation_slots
     slots.acquire(owner)
+    held = HeldSlot(slots, owner)
     try:
-        yield
+        yield held
     finally:
-        slots.release(owner)
+        held.request_done()
 
 
 def check_backlog(backlog: int, new_items: int, limit: int) -> None:
@@ -74,4 +101,4 @@ def check_backlog(backlog: int, new_items: int, limit: int) -> None:
         )
 
 
-CreationSlot = Annotated[None, Depends(creation_slot)]
+CreationSlot = Annotated[HeldSlot, Depends(creation_slot)]

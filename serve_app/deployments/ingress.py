@@ -408,7 +408,7 @@ class Ingress:
         self,
         owner: Owner,
         _admitted: Admitted,
-        _slot: CreationSlot,
+        slot: CreationSlot,
         body: JobRawBody,
         idempotency_key: Annotated[
             str | None, Header(max_length=128, pattern=_IDEMPOTENCY_KEY)
@@ -422,7 +422,9 @@ class Ingress:
         """
         self._job_queue()  # 404 when jobs are disabled
         assert self._job_creator is not None
-        job, created = await self._job_creator.create(body, owner, idempotency_key)
+        work = asyncio.ensure_future(self._job_creator.create(body, owner, idempotency_key))
+        slot.until_done(work)  # a caller that goes away leaves the creation running
+        job, created = await asyncio.shield(work)
         headers = {"Location": f"/v1/jobs/{job.id}"}
         if not created:
             headers["Idempotent-Replayed"] = "true"

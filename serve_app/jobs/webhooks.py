@@ -167,7 +167,7 @@ def parse_callback_url(url: str, config: WebhookConfig) -> CallbackTarget:
                 "bad_callback_url",
             ) from None
     port = port or (443 if parts.scheme == "https" else 80)
-    if sent_to.host.lower() != host or (sent_to.port or port) != port:
+    if sent_to.raw_host.decode("ascii").lower() != host or (sent_to.port or port) != port:
         raise CallbackRefused(
             "callback_url is read differently by URL parsers; write it plainly",
             "bad_callback_url",

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -111,8 +111,11 @@ def refuse_inline_credentials(serve_config: dict[str, Any]) -> None:
             "prediction_cache.url": config.prediction_cache.url or "",
         }
         for name, url in urls.items():
-            password = urlsplit(url).password if "://" in url else None
-            if password and not _ENV_REFERENCE.fullmatch(password):
+            parts = urlsplit(url) if "://" in url else None
+            passwords = [] if parts is None else [parts.password or ""]
+            if parts is not None:  # libpq and redis-py also read ?password=
+                passwords += parse_qs(parts.query).get("password", [])
+            if any(p and not _ENV_REFERENCE.fullmatch(p) for p in passwords):
                 raise ConfigError(
                     f"{name} carries a password, which the manifest would show in plain "
                     f"text: write it as ${{VAR}} (e.g. {name.split('.')[0].upper()}_URL) "

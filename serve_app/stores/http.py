@@ -38,7 +38,7 @@ class HttpFeatureStore:
             body = await self._post_bulk(list(entity_ids), limit)
             answer = json.loads(body)
             rows = answer["features"] if isinstance(answer, dict) else None
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
+        except (httpx.HTTPError, ValueError, KeyError, RecursionError) as exc:  # deep JSON too
             detail = _without_credentials(str(exc), self.url)
             raise StoreUnavailable(f"feature API failed: {type(exc).__name__}: {detail}") from exc
         if not isinstance(rows, dict):

@@ -114,9 +114,10 @@ def test_a_copy_made_late_keeps_only_the_rest_of_the_ttl(redis_srv: RedisServer)
 
 def test_a_value_this_cache_did_not_write_is_a_miss(redis_srv: RedisServer) -> None:
     """Whatever else sits under the key (an old layout, a stray write): a counted miss."""
-    keys = [("1.0", f"E{i}", None, None, None) for i in range(4)]
+    keys = [("1.0", f"E{i}", None, None, None) for i in range(5)]
     client = redis_srv.client()
-    for key, raw in zip(keys, ["not json", '{"score": 1}', "[1e300, 5]", '["x", {}]'], strict=True):
+    foreign = ["not json", '{"score": 1}', "[1e300, 5]", '["x", {}]', "[" * 3000]
+    for key, raw in zip(keys, foreign, strict=True):
         client.set(SharedPredictionCache.redis_key(key), raw, px=60_000)
     client.close()
 
@@ -127,4 +128,4 @@ def test_a_value_this_cache_did_not_write_is_a_miss(redis_srv: RedisServer) -> N
         finally:
             await cache.aclose()
 
-    assert asyncio.run(scenario()) == (0, 4)
+    assert asyncio.run(scenario()) == (0, 5)

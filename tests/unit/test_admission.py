@@ -391,3 +391,58 @@ def test_a_slow_upload_counts_in_flight_only_once_its_body_has_arrived() -> None
     asyncio.run(middleware(scope, receive, send))  # type: ignore[arg-type]
     assert seen == [(0, 0), (0, 0), (0, 0), (1, 1)]
     assert admission.inflight == 0 and admission.admitted == 1 and not admission._started
+    assert admission.pending == 0
+
+
+def test_a_burst_whose_bodies_are_still_arriving_counts_against_the_limit() -> None:
+    """Requests admitted but not yet holding their body count against the next ones:
+    not counting them let 100 of a simultaneous burst past a limit of 10."""
+    from types import SimpleNamespace
+
+    from starlette.types import Message
+
+    from serve_app.api.admission import AdmissionMiddleware
+
+    admission = Admission(10.0, max_inflight=10)
+    release = asyncio.Event()
+    ran = 0
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        nonlocal ran
+        await receive()  # type: ignore[operator]
+        ran += 1
+        await release.wait()
+
+    middleware = AdmissionMiddleware(app)  # type: ignore[arg-type]
+    state = SimpleNamespace(api_context=SimpleNamespace(admission=admission))
+    refused: list[int] = []
+
+    async def one() -> None:
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/predict",
+            "headers": [],
+            "app": SimpleNamespace(state=state),
+        }
+
+        async def receive() -> Message:
+            await asyncio.sleep(0)  # the body comes in a moment later, as through Ray
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                refused.append(message["status"])
+
+        await middleware(scope, receive, send)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        tasks = [asyncio.create_task(one()) for _ in range(100)]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+    assert ran == 10 and refused == [503] * 90
+    assert admission.load == 0

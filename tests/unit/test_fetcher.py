@@ -91,6 +91,7 @@ MALFORMED = {
     "row-list-value": b'{"features": {"row-list-value": {"region": ["north"]}}}',
     "row-object-value": b'{"features": {"row-object-value": {"age": {"x": 1}}}}',
     "not-json": b"<html>oops</html>",
+    "deep": b'{"features": {"deep": ' + b"[" * 3000,  # RecursionError, under the size cap
 }
 
 

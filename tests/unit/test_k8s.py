@@ -119,6 +119,12 @@ def test_a_literal_password_in_a_url_is_refused_not_copied(
     assert main(["k8s", "--config", str(literal), "--out", str(out)]) == 2
     assert "store.url carries a password" in capsys.readouterr().err
     assert not out.exists()
+    args["store"]["url"] = "redis://redis:6379/0"
+    args["jobs"] = {**(args.get("jobs") or {}), "queue_url": "postgresql://app@pg/j?password=x1"}
+    literal.write_text(yaml.safe_dump(cluster))
+    assert main(["k8s", "--config", str(literal), "--out", str(out)]) == 2  # libpq's too
+    assert "jobs.queue_url carries a password" in capsys.readouterr().err
+    args["jobs"]["queue_url"] = "postgresql://app@pg/j?password=${PG_PASSWORD}"
     args["store"]["url"] = "redis://:${REDIS_PASSWORD}@redis:6379/0"
     referenced = tmp_path / "referenced.yaml"
     referenced.write_text(yaml.safe_dump(cluster))

@@ -30,3 +30,31 @@ def test_queued_items_per_key_are_capped() -> None:
     with pytest.raises(TooManyRequests) as caught:
         check_backlog(backlog=250_001, new_items=50_000, limit=300_000)
     assert caught.value.details[0]["type"] == "too_many_queued_items"
+
+
+def test_a_slot_handed_to_its_creation_stays_taken_until_the_creation_ends() -> None:
+    """A client that disconnects leaves its creation running (a thread or a worker
+    process): releasing its slot when the request ended let one key run five creations
+    at once with a limit of one, all past the queued-items check together."""
+    import asyncio
+
+    from serve_app.api.quotas import HeldSlot
+
+    async def scenario() -> None:
+        slots = CreationSlots(per_owner=1, total=4)
+        slots.acquire("alice")
+        held = HeldSlot(slots, "alice")
+        work: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        held.until_done(work)
+        held.request_done()  # the client went away
+        with pytest.raises(TooManyRequests):
+            slots.acquire("alice")  # its creation still runs
+        work.set_exception(RuntimeError("the creation failed"))  # nobody awaits it
+        await asyncio.sleep(0)
+        slots.acquire("alice")  # free again
+        plain = HeldSlot(slots, "bob")
+        slots.acquire("bob")
+        plain.request_done()  # never handed over: released with the request
+        slots.acquire("bob")
+
+    asyncio.run(scenario())

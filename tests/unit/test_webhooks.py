@@ -105,6 +105,9 @@ def test_bad_ports_and_labels_are_a_422_at_submission(url: str) -> None:
 
 def test_public_addresses_on_default_ports_pass() -> None:
     assert check_callback_url("https://93.184.216.34/hook", OPEN).addresses == ("93.184.216.34",)
+    public = lambda host, port: ["93.184.216.34"]  # noqa: E731
+    for url in ("https://xn--bcher-kva.de/hook", "https://EXAMPLE.com./x", "https://a.io/p@q"):
+        assert check_callback_url(url, OPEN, resolver=public)  # IDN, case, a dot, '@' in path
     assert check_callback_url("http://[2606:4700::1111]:80/hook", OPEN)
     assert is_public(__import__("ipaddress").ip_address("2002:5db8:d822::"))  # 6to4 of public
 
