@@ -38,8 +38,9 @@ second, and the estimate decides again. (Waiting for evidence alone, always, wou
 A request is measured from the moment its body has arrived, not from its headers: a slow
 upload is the client's time, and measured as the replica's it lowered the drain rate and
 its age looked like queueing. It counts against the next admissions from its headers on
-(``pending`` until its body is in): a burst's bodies arrive within milliseconds, and not
-counting them let a burst of 100 past an in-flight limit of 10.
+(``pending`` until its body is in) for the in-flight backstop and floor: a burst's
+bodies arrive within milliseconds, and not counting them let a burst of 100 past an
+in-flight limit of 10. The estimate itself uses only the requests it measures.
 
 The event loop's lag is measured and reported (``/v1/stats``) but does not decide: under
 a storm of refusals the loop is busy answering them, and refusing more because of it
@@ -155,7 +156,7 @@ class Admission:
         """
         if self.rate is None:
             return 0.0
-        return max(0.0, self.load / self.rate - self.service_s)
+        return max(0.0, self.inflight / self.rate - self.service_s)
 
     def oldest_wait_s(self, now: float | None = None) -> float:
         """How long the oldest request in flight has waited so far: its age less the
@@ -173,12 +174,16 @@ class Admission:
     @property
     def load(self) -> int:
         """Requests admitted and not finished: in flight, and those whose bodies are still
-        arriving (a burst's bodies arrive within milliseconds: they count against it)."""
+        arriving. The backstop and the floor count them all (a burst's bodies arrive
+        within milliseconds); the estimate counts only what it measured, in flight: its
+        latencies are measured from the body on, and adding the pending requests to them
+        overestimated the wait (goodput at 1x-2x fell from 82-98 % to 61-78 % of
+        capacity, loadtests/bench_overload.py, 2026-12-07)."""
         return self.inflight + self.pending
 
     def extrapolating(self) -> bool:
         """More in flight than the rate was measured at, by far: the estimate is a guess."""
-        return self.load > EXTRAPOLATION * self.rate_concurrency
+        return self.inflight > EXTRAPOLATION * self.rate_concurrency
 
     def retry_after_s(self, now: float | None = None) -> int:
         """Seconds until what waits now (in flight + refused in the last second) drains."""
@@ -186,7 +191,7 @@ class Admission:
         self._forget_refusals(now)
         if self.rate is None:
             return 1
-        waiting = self.load + len(self._refusals)
+        waiting = self.inflight + len(self._refusals)
         drain = waiting / self._drain_rate(now)
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(drain)))
 
@@ -204,7 +209,7 @@ class Admission:
         rate = self.rate or 0.0
         oldest = self._oldest_start()
         if self.extrapolating() and oldest is not None and now > oldest:
-            rate = max(rate, self.load / (now - oldest))
+            rate = max(rate, self.inflight / (now - oldest))
         return rate
 
     def _forget_refusals(self, now: float) -> None:
