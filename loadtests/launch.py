@@ -37,6 +37,7 @@ The cost: one short-lived ``serve`` process per deploy (a few seconds of imports
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -150,10 +151,41 @@ def replica_pids(app_name: str, deployment: str) -> list[int]:
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for tests, benchmarks and load tests)."""
-    with socket.socket() as sock:
+    """A free TCP port (for tests, benchmarks and load tests), below the kernel's
+    ephemeral range.
+
+    A port picked now is often bound much later (HAProxy's stats port: minutes later, by
+    a process Ray starts). Port 0 would hand out one of the ephemeral range, which every
+    outgoing connection of the machine draws from meanwhile: a CI run of 2026-12-07 lost
+    HAProxy's stats port that way ("cannot bind socket (Address already in use)"), and
+    every test of that app errored. Below the range (and above Ray's worker ports) only
+    an explicit bind can take it.
+    """
+    low = _ephemeral_range_start()
+    for _ in range(200):
+        port = _PORTS.randrange(_LOWEST, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))  # free on every interface: HAProxy binds 0.0.0.0
+            except OSError:
+                continue
+        return port
+    with socket.socket() as sock:  # a crowded machine: an ephemeral port after all
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+_PORTS = random.SystemRandom()  # not the global RNG: tests seed that one
+# Ray's workers bind their own ports in 10002-19999 (min/max_worker_port) as they start.
+_LOWEST = 20_000
+
+
+def _ephemeral_range_start() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32_768
+    return max(low, _LOWEST + 1_000)
 
 
 def set_nested(mapping: dict[str, Any], dotted: str, value: Any) -> None:
