@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import Request
 
 from serve_app.errors import InvalidInput, MalformedJson, PayloadTooLarge, UnsupportedMediaType
+from serve_app.streams import read_at_most
 
 # Bodies up to this size are parsed inline (cheaper than a thread hop); larger off-loop.
 PARSE_INLINE_MAX_BYTES = 64 * 1024
@@ -35,14 +36,11 @@ async def read_body_bytes(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_at_most(
+        request.stream(),
+        max_bytes,
+        lambda: PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes"),
+    )
 
 
 def parse_json(raw: bytes) -> Any:

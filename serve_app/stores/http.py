@@ -9,6 +9,7 @@ import httpx
 
 from serve_app.errors import StoreUnavailable
 from serve_app.stores.base import FeatureRow
+from serve_app.streams import read_at_most
 
 # A row is ~200 bytes of JSON; 4 KiB per id asked is generous, and bounds what a remote
 # that answers too much can make a replica hold and parse.
@@ -54,16 +55,13 @@ class HttpFeatureStore:
         response = await self._client.send(request, stream=True)
         try:
             response.raise_for_status()
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > limit:
-                    raise StoreUnavailable(f"feature API answer over {limit} bytes")
-                chunks.append(chunk)
+            return await read_at_most(
+                response.aiter_bytes(),
+                limit,
+                lambda: StoreUnavailable(f"feature API answer over {limit} bytes"),
+            )
         finally:
             await response.aclose()
-        return b"".join(chunks)
 
     async def ping(self) -> None:
         try:

@@ -343,11 +343,24 @@ def test_middleware_refuses_before_the_app_runs_and_leaves_other_routes_alone() 
     assert refused.json()["request_id"] == "r-1"
 
 
+def _predict_scope(admission: Admission) -> dict[str, object]:
+    """An ASGI scope of POST /v1/predict on an app whose replica admits with ``admission``."""
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(api_context=SimpleNamespace(admission=admission))
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/predict",
+        "headers": [],
+        "app": SimpleNamespace(state=state),
+    }
+
+
 def test_a_slow_upload_counts_in_flight_only_once_its_body_has_arrived() -> None:
     """Counted from its headers, one request uploading slowly made the replica look busy
     (the measured rate halved) and its age looked like queueing: bursts the replica could
     serve were refused. Now the upload is the client's time."""
-    from types import SimpleNamespace
 
     from starlette.types import Message
 
@@ -367,14 +380,7 @@ def test_a_slow_upload_counts_in_flight_only_once_its_body_has_arrived() -> None
         await send({"type": "http.response.body", "body": b"{}"})  # type: ignore[operator]
 
     middleware = AdmissionMiddleware(app)  # type: ignore[arg-type]
-    state = SimpleNamespace(api_context=SimpleNamespace(admission=admission))
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/predict",
-        "headers": [],
-        "app": SimpleNamespace(state=state),
-    }
+    scope = _predict_scope(admission)
     chunks: list[Message] = [
         {"type": "http.request", "body": b"[1,", "more_body": True},
         {"type": "http.request", "body": b"2,", "more_body": True},
@@ -397,7 +403,6 @@ def test_a_slow_upload_counts_in_flight_only_once_its_body_has_arrived() -> None
 def test_a_burst_whose_bodies_are_still_arriving_counts_against_the_limit() -> None:
     """Requests admitted but not yet holding their body count against the next ones:
     not counting them let 100 of a simultaneous burst past a limit of 10."""
-    from types import SimpleNamespace
 
     from starlette.types import Message
 
@@ -414,17 +419,10 @@ def test_a_burst_whose_bodies_are_still_arriving_counts_against_the_limit() -> N
         await release.wait()
 
     middleware = AdmissionMiddleware(app)  # type: ignore[arg-type]
-    state = SimpleNamespace(api_context=SimpleNamespace(admission=admission))
     refused: list[int] = []
 
     async def one() -> None:
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/v1/predict",
-            "headers": [],
-            "app": SimpleNamespace(state=state),
-        }
+        scope = _predict_scope(admission)
 
         async def receive() -> Message:
             await asyncio.sleep(0)  # the body comes in a moment later, as through Ray

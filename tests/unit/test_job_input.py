@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from serve_app.api.job_input import IN_PROCESS_MAX_BYTES, JobCreator
+from serve_app.api.job_input import IN_PROCESS_MAX_BYTES, WORKER_PROCESSES, JobCreator
 from serve_app.config import JobsConfig
 from serve_app.errors import Conflict, InvalidInput, Overloaded, TooManyRequests
 from serve_app.jobs.sqlite import SQLiteJobQueue
@@ -57,14 +61,18 @@ def test_large_bodies_are_created_in_a_worker_process(tmp_path: Path) -> None:
     assert queue.owner_backlog("alice") == 1
 
 
-def test_a_large_body_is_refused_at_once_when_every_worker_is_busy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Not queued behind busy workers (where it would meet the request timeout): 503 with a
-    Retry-After long enough for a worker to free up; the busy ones still finish."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
+@dataclass
+class SlowCreator:
+    """A JobCreator whose large-body creations block in a thread pool until released."""
 
+    creator: JobCreator
+    started: threading.Semaphore  # one release per creation that began
+    release: threading.Event
+    large: bytes
+
+
+@pytest.fixture
+def slow_creator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SlowCreator]:
     from serve_app.api import job_input
 
     release = threading.Event()
@@ -80,79 +88,65 @@ def test_a_large_body_is_refused_at_once_when_every_worker_is_busy(
     pool = ThreadPoolExecutor(job_input.WORKER_PROCESSES)
     monkeypatch.setattr(creator, "_processes", lambda: pool)
     monkeypatch.setattr(job_input, "create_job", slow_create)
-    large = b" " * (IN_PROCESS_MAX_BYTES + 1)
-
-    async def scenario() -> None:
-        busy = [
-            asyncio.create_task(creator.create(large, f"key{i}", None))
-            for i in range(job_input.WORKER_PROCESSES)
-        ]
-        for _ in busy:
-            await asyncio.to_thread(started.acquire)
-        with pytest.raises(Overloaded) as refused:
-            await creator.create(large, "another", None)
-        assert refused.value.status_code == 503
-        assert refused.value.retry_after_s == 5  # parsing takes seconds: not 1
-        release.set()
-        assert [await task for task in busy] == [("job", True)] * len(busy)
-        assert await creator.create(large, "another", None) == ("job", True)  # free again
-
     try:
-        asyncio.run(scenario())
+        yield SlowCreator(creator, started, release, b" " * (IN_PROCESS_MAX_BYTES + 1))
     finally:
         release.set()
         pool.shutdown()
 
 
+def test_a_large_body_is_refused_at_once_when_every_worker_is_busy(
+    slow_creator: SlowCreator,
+) -> None:
+    """Not queued behind busy workers (where it would meet the request timeout): 503 with a
+    Retry-After long enough for a worker to free up; the busy ones still finish."""
+    creator, large = slow_creator.creator, slow_creator.large
+
+    async def scenario() -> None:
+        busy = [
+            asyncio.create_task(creator.create(large, f"key{i}", None))
+            for i in range(WORKER_PROCESSES)
+        ]
+        for _ in busy:
+            await asyncio.to_thread(slow_creator.started.acquire)
+        with pytest.raises(Overloaded) as refused:
+            await creator.create(large, "another", None)
+        assert refused.value.status_code == 503
+        assert refused.value.retry_after_s == 5  # parsing takes seconds: not 1
+        slow_creator.release.set()
+        assert [await task for task in busy] == [("job", True)] * len(busy)
+        assert await creator.create(large, "another", None) == ("job", True)  # free again
+
+    asyncio.run(scenario())
+
+
 def test_a_caller_that_goes_away_leaves_its_worker_counted_busy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    slow_creator: SlowCreator,
 ) -> None:
     """The count dropped when the caller's handler was cancelled, though its worker was
     still parsing: the next large body queued behind it instead of a 503 at once."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    from serve_app.api import job_input
-
-    release = threading.Event()
-    started = threading.Semaphore(0)
-
-    def slow_create(*args: object) -> tuple[str, bool]:
-        started.release()
-        release.wait(10)
-        return "job", True
-
-    jobs = JobsConfig(queue_url=f"sqlite:///{tmp_path / 'jobs.db'}")
-    creator = JobCreator(jobs, SQLiteJobQueue(tmp_path / "jobs.db"), webhooks_configured=True)
-    pool = ThreadPoolExecutor(job_input.WORKER_PROCESSES)
-    monkeypatch.setattr(creator, "_processes", lambda: pool)
-    monkeypatch.setattr(job_input, "create_job", slow_create)
-    large = b" " * (IN_PROCESS_MAX_BYTES + 1)
+    creator, large = slow_creator.creator, slow_creator.large
 
     async def scenario() -> None:
         gone = [
             asyncio.create_task(creator.create(large, f"key{i}", None))
-            for i in range(job_input.WORKER_PROCESSES)
+            for i in range(WORKER_PROCESSES)
         ]
         for _ in gone:
-            await asyncio.to_thread(started.acquire)
+            await asyncio.to_thread(slow_creator.started.acquire)
         for task in gone:
             task.cancel()  # the clients went away; their bodies are still being parsed
         await asyncio.gather(*gone, return_exceptions=True)
         with pytest.raises(Overloaded):
             await creator.create(large, "another", None)
-        release.set()
+        slow_creator.release.set()
         for _ in range(100):  # the workers finish the orphaned bodies
             if creator._in_processes == 0:
                 break
             await asyncio.sleep(0.02)
         assert await creator.create(large, "another", None) == ("job", True)  # free again
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        release.set()
-        pool.shutdown()
+    asyncio.run(scenario())
 
 
 def test_a_resend_gets_its_job_even_when_its_own_items_fill_the_quota(tmp_path: Path) -> None:
