@@ -280,6 +280,13 @@ class JobsConfig(_Settings):
         "worker stops renewing the lease, and the job is claimed again (max_claims).",
     )
     max_claims: int = Field(5, ge=1, description="A job claimed this often fails (poison job).")
+    store_wait_max_s: float = Field(
+        30.0,
+        gt=0,
+        description="Items the feature store could not serve (store.on_error: fail) are "
+        "not stored as failed: the worker waits, doubling from 1 s up to this, and scores "
+        "them again; the job waits out the outage instead of reporting it per item.",
+    )
     poll_interval_s: float = Field(0.2, gt=0)
     result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="Then results are purged.")
     results_page_max: int = Field(1_000, ge=1)

@@ -16,6 +16,8 @@
         ├── StoreUnavailable    503, the feature store failed and fallback is off
         ├── Overloaded          503, a deployment is saturated or timed out
         ├── QueueBusy           503, the job queue's database is locked; retry shortly
+        ├── JobWorkerLost       503, the process parsing a large job body died
+        ├── CallbackLookupUnavailable 503, a job's callback host cannot be looked up now
         └── TooManyRequests     429, this API key's share of the job queue is in use
 
 Every error has a stable machine-readable ``code``; the ingress turns any of them into
@@ -121,6 +123,22 @@ class JobWorkersBusy(Overloaded):
     """A large job body while the replica's parsing worker is busy: parsing takes seconds,
     so a retry sooner than that would be refused again."""
 
+    retry_after_s = 5
+
+
+class JobWorkerLost(ServiceError):
+    """The process parsing a large job body died (the OOM killer, a signal): the pool is
+    rebuilt for the next request, and a resend with the same ``Idempotency-Key`` returns
+    the job if the worker had stored it before it died."""
+
+    code = "job_worker_lost"
+
+
+class CallbackLookupUnavailable(ServiceError):
+    """A job's callback host could not be looked up now (resolver timeout or "try
+    again"): not the caller's mistake, so not a 422."""
+
+    code = "callback_lookup_unavailable"
     retry_after_s = 5
 
 

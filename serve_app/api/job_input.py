@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -30,9 +31,15 @@ from serve_app.api.quotas import check_backlog
 from serve_app.api.schemas import JobRequest
 from serve_app.api.validation import check_item_count, parse_body, parse_item
 from serve_app.config import JobsConfig
-from serve_app.errors import Conflict, InvalidInput, JobWorkersBusy
+from serve_app.errors import (
+    CallbackLookupUnavailable,
+    Conflict,
+    InvalidInput,
+    JobWorkerLost,
+    JobWorkersBusy,
+)
 from serve_app.jobs import IdempotencyConflict, Job, JobQueue, open_job_queue
-from serve_app.jobs.webhooks import check_callback_url
+from serve_app.jobs.webhooks import CallbackRefused, check_callback_url
 from serve_app.scoring.items import Item
 
 # Bodies up to this size are handled in a thread of the Ingress; larger ones in a process.
@@ -105,7 +112,12 @@ def create_job(
     jobs = JobsConfig.model_validate(jobs_settings)
     prepared = prepare_job(parse_json(raw), jobs.max_items, raw)
     if prepared.callback_url is not None:
-        check_callback_url(prepared.callback_url, jobs.webhooks)
+        try:
+            check_callback_url(prepared.callback_url, jobs.webhooks)
+        except CallbackRefused as refused:
+            if refused.temporary:
+                raise CallbackLookupUnavailable(refused.message, refused.details) from refused
+            raise
         if not webhooks_configured:
             raise InvalidInput(
                 "webhooks are not configured on this service (no signing secret)",
@@ -197,6 +209,9 @@ class JobCreator:
         self._in_processes += 1
         try:
             work = asyncio.get_running_loop().run_in_executor(self._processes(), create_job, *args)
+        except BrokenProcessPool as broken:
+            self._in_processes -= 1
+            raise self._lost(broken) from broken
         except BaseException:
             self._in_processes -= 1
             raise
@@ -204,7 +219,22 @@ class JobCreator:
         # that went away leaves its body being parsed, and the next large one must be
         # refused at once, not queued behind it.
         work.add_done_callback(self._worker_done)
-        return await asyncio.shield(work)
+        try:
+            return await asyncio.shield(work)
+        except BrokenProcessPool as broken:
+            raise self._lost(broken) from broken
+
+    def _lost(self, broken: BrokenProcessPool) -> JobWorkerLost:
+        """A dead worker breaks a ``ProcessPoolExecutor`` for good: drop it, so the next
+        large body gets a fresh pool instead of the same error until the replica restarts."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        return JobWorkerLost(
+            "the process parsing this job's body died; send it again (with the same "
+            "Idempotency-Key, a job it had stored already comes back instead of a new one)",
+            [{"type": "job_worker_lost", "reason": str(broken)[:200]}],
+        )
 
     def _worker_done(self, work: asyncio.Future[tuple[Job, bool]]) -> None:
         self._in_processes -= 1

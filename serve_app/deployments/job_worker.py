@@ -42,8 +42,10 @@ from serve_app.scoring.items import Item
 logger = logging.getLogger("serve_app.jobs")
 
 _PURGE_EVERY_S = 300.0
-# Past an attempt's deadline before another worker may claim its webhook again.
-_WEBHOOK_FENCE_MARGIN_S = 5.0
+# Past an attempt's deadline before another worker may claim its webhook again. Wide:
+# the fence is computed before the write that records it, which may wait up to SQLite's
+# 5 s busy timeout; a late outcome is refused anyway (record_webhook's expected_attempts).
+_WEBHOOK_FENCE_MARGIN_S = 15.0
 
 
 def queue_depth_policy(ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
@@ -218,11 +220,12 @@ class JobWorker:
 
     async def _run_job(self, job: Job) -> None:
         config = self._config
+        outage = 0  # chunks in a row that the feature store could not serve whole
         while True:
             pending = await asyncio.to_thread(self._queue.pending_items, job.id, config.chunk_size)
             if not pending:
                 break
-            results = await self._score_stored(pending)
+            results, unserved = _without_store_outage(await self._score_stored(pending))
             kept = await asyncio.to_thread(
                 self._queue.save_results, job.id, self._worker, config.lease_s, results
             )
@@ -230,6 +233,16 @@ class JobWorker:
                 logger.info("job %s: lease lost or job cancelled; stopping", job.id)
                 return
             self._metrics.record_items(result for _, result in results)
+            outage = outage + 1 if unserved else 0
+            if unserved:  # results are stored once: an outage must not become them
+                wait = min(config.store_wait_max_s, 2.0 ** (outage - 1))
+                logger.warning(
+                    "job %s: the feature store could not serve %d items; again in %.0f s",
+                    job.id,
+                    unserved,
+                    wait,
+                )
+                await asyncio.sleep(wait)
         await self._finish(job, "succeeded", None)
 
     async def _score_stored(self, pending: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
@@ -299,9 +312,17 @@ class JobWorker:
             await self._record_webhook(job, "dead", job.webhook_attempts, job.webhook_last_error)
             return
         fence = time.time() + config.timeout_s + _WEBHOOK_FENCE_MARGIN_S
-        await asyncio.to_thread(
-            self._queue.record_webhook, job.id, "pending", attempts, fence, "in_progress"
+        started = await asyncio.to_thread(
+            self._queue.record_webhook,
+            job.id,
+            "pending",
+            attempts,
+            fence,
+            "in_progress",
+            job.webhook_attempts,
         )
+        if not started:  # another worker started this attempt first
+            return
         if self._secret is None:
             attempt = Attempt(False, False, "no_secret")
         else:
@@ -326,4 +347,21 @@ class JobWorker:
         next_at = (
             time.time() + backoff_s(attempts, self._config.webhooks) if state == "pending" else 0.0
         )
-        await asyncio.to_thread(self._queue.record_webhook, job.id, state, attempts, next_at, error)
+        recorded = await asyncio.to_thread(
+            self._queue.record_webhook, job.id, state, attempts, next_at, error, attempts
+        )
+        if not recorded:  # this attempt outlived its fence and a later one has begun
+            logger.warning("job %s: webhook attempt %d ended after its fence", job.id, attempts)
+
+
+def _without_store_outage(results: list[tuple[int, Any]]) -> tuple[list[tuple[int, Any]], int]:
+    """The results to store, and how many items were left out because the feature store
+    could not serve them (``store.on_error: fail``; in ``degrade`` mode they are scored
+    on defaults and kept). A live request gets a 503 for that; a job item would have
+    kept the failure for good, since each result is stored exactly once."""
+    kept = [
+        (idx, result)
+        for idx, result in results
+        if (result.get("error") or {}).get("code") != "store_unavailable"
+    ]
+    return kept, len(results) - len(kept)

@@ -33,7 +33,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from serve_app.errors import QueueBusy
 from serve_app.jobs.queue import IdempotencyConflict, Job, decode_item, is_job_id
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MIGRATION_LOCK = 0x5E27E_A99  # pg_advisory_xact_lock key: one migrator at a time
 PURGE_BATCH = 500
 
@@ -85,8 +85,18 @@ CREATE TABLE IF NOT EXISTS job_results (
     2: """
 CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (created_at) WHERE state = 'queued';
 """,
+    # Webhooks owed: an idle poll (several a second per worker) read every retained job.
+    3: """
+CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (webhook_next_at)
+    WHERE webhook_state = 'pending';
+""",
 }
 
+# A webhook owed and due, earliest first: the partial index jobs_webhook_due.
+CLAIM_WEBHOOK_SQL = (
+    "SELECT id FROM jobs WHERE webhook_state = 'pending' AND webhook_next_at <= %s"
+    " AND lease_until < %s ORDER BY webhook_next_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+)
 # The oldest job waiting for its first claim: min() over the partial index jobs_queued.
 OLDEST_QUEUED_SQL = "SELECT min(created_at) FROM jobs WHERE state = 'queued'"
 
@@ -296,14 +306,7 @@ class PostgresJobQueue:
                 " ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED",
                 (now,),
             ).fetchone()
-            row = (
-                row
-                or db.execute(
-                    "SELECT id FROM jobs WHERE webhook_state = 'pending' AND webhook_next_at <= %s"
-                    " AND lease_until < %s ORDER BY webhook_next_at LIMIT 1 FOR UPDATE SKIP LOCKED",
-                    (now, now),
-                ).fetchone()
-            )
+            row = row or db.execute(CLAIM_WEBHOOK_SQL, (now, now)).fetchone()
             if row is None:
                 return None
             leased = db.execute(
@@ -406,15 +409,24 @@ class PostgresJobQueue:
             return cursor.rowcount == 1
 
     def record_webhook(
-        self, job_id: str, state: str, attempts: int, next_at: float, error: str | None
-    ) -> None:
-        """Persist a delivery attempt's outcome: delivered, pending (retry at next_at) or dead."""
+        self,
+        job_id: str,
+        state: str,
+        attempts: int,
+        next_at: float,
+        error: str | None,
+        expected_attempts: int,
+    ) -> bool:
+        """Persist an attempt's start or outcome (delivered, pending: retry at next_at, or
+        dead) if the webhook is still pending at ``expected_attempts`` (see JobQueue)."""
         with self._connect() as db, db.transaction():
-            db.execute(
+            cursor = db.execute(
                 "UPDATE jobs SET webhook_state = %s, webhook_attempts = %s, webhook_next_at = %s,"
-                " webhook_last_error = %s, lease_until = 0, lease_owner = NULL WHERE id = %s",
-                (state, attempts, next_at, error, job_id),
+                " webhook_last_error = %s, lease_until = 0, lease_owner = NULL"
+                " WHERE id = %s AND webhook_state = 'pending' AND webhook_attempts = %s",
+                (state, attempts, next_at, error, job_id, expected_attempts),
             )
+            return cursor.rowcount == 1
 
     def release(self, worker: str) -> int:
         """Give up every lease ``worker`` holds (a graceful stop), so others claim at once.

@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -83,7 +83,7 @@ class Job:
 def _iso(epoch: float | None) -> str | None:
     if epoch is None:
         return None
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds")
 
 
 class IdempotencyConflict(Exception):
@@ -160,8 +160,18 @@ class JobQueue(Protocol):
     ) -> bool: ...
 
     def record_webhook(
-        self, job_id: str, state: str, attempts: int, next_at: float, error: str | None
-    ) -> None: ...
+        self,
+        job_id: str,
+        state: str,
+        attempts: int,
+        next_at: float,
+        error: str | None,
+        expected_attempts: int,
+    ) -> bool:
+        """Record an attempt's start or outcome, only if the webhook is still pending at
+        ``expected_attempts``: a worker whose fence ran out (another worker started the
+        next attempt meanwhile) must not overwrite that attempt with its late outcome."""
+        ...
 
     def release(self, worker: str) -> int:
         """Give up every lease ``worker`` holds, uncounted against max_claims (graceful stop)."""

@@ -144,9 +144,16 @@ class SQLiteJobQueue:
             db.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction taken up front (BEGIN IMMEDIATE): no upgrade deadlocks."""
+    def _transaction(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken up front (BEGIN IMMEDIATE): no upgrade deadlocks.
+
+        ``durable``: on disk before it returns (``synchronous=FULL``). WAL's ``NORMAL``
+        survives a process crash but not a power loss or an OS crash, which could drop a
+        job after its 202. Only creation needs it: a lost result or lease is redone.
+        """
         with self._connect() as db:
+            if durable:
+                db.execute("PRAGMA synchronous=FULL")
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -172,7 +179,7 @@ class SQLiteJobQueue:
         ``rejected[i]`` and is stored as its result at once.
         """
         now = time.time()
-        with self._transaction() as db:
+        with self._transaction(durable=True) as db:
             if idempotency_key is not None:
                 existing = db.execute(
                     f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
@@ -248,21 +255,18 @@ class SQLiteJobQueue:
         return Job(*row) if row else None
 
     def results(self, job_id: str, offset: int, limit: int) -> list[dict[str, Any]]:
+        # One statement (one snapshot, so a purge cannot land between two reads), and only
+        # the errors this page points at: a job of 100,000 distinct errors (an unknown
+        # field's name is in its message) cost every page of it all of them.
         with self._connect() as db:
             rows = db.execute(
-                "SELECT idx, result FROM job_results WHERE job_id = ? AND idx >= ?"
-                " ORDER BY idx LIMIT ?",
-                (job_id, offset, limit),
+                "SELECT r.idx, COALESCE(e.error, r.result) FROM job_results r"
+                " LEFT JOIN job_errors e ON r.result LIKE ? AND e.job_id = r.job_id"
+                " AND e.no = CAST(substr(r.result, 2) AS INTEGER)"
+                " WHERE r.job_id = ? AND r.idx >= ? ORDER BY r.idx LIMIT ?",
+                (f"{_ERROR_REF}%", job_id, offset, limit),
             ).fetchall()
-            errors: dict[str, str] = {}
-            if any(result.startswith(_ERROR_REF) for _, result in rows):
-                errors = {
-                    f"{_ERROR_REF}{no}": error
-                    for no, error in db.execute(
-                        "SELECT no, error FROM job_errors WHERE job_id = ?", (job_id,)
-                    )
-                }
-        return [{"index": idx, **json.loads(errors.get(result, result))} for idx, result in rows]
+        return [{"index": idx, **json.loads(result)} for idx, result in rows]
 
     def cancel(self, job_id: str, owner: str, result_ttl_s: float) -> tuple[Job | None, bool]:
         """Cancel a job unless it has finished, in one step; return it and whether it was.
@@ -427,15 +431,24 @@ class SQLiteJobQueue:
             return cursor.rowcount == 1
 
     def record_webhook(
-        self, job_id: str, state: str, attempts: int, next_at: float, error: str | None
-    ) -> None:
-        """Persist a delivery attempt's outcome: delivered, pending (retry at next_at) or dead."""
+        self,
+        job_id: str,
+        state: str,
+        attempts: int,
+        next_at: float,
+        error: str | None,
+        expected_attempts: int,
+    ) -> bool:
+        """Persist an attempt's start or outcome (delivered, pending: retry at next_at, or
+        dead) if the webhook is still pending at ``expected_attempts`` (see JobQueue)."""
         with self._transaction() as db:
-            db.execute(
+            cursor = db.execute(
                 "UPDATE jobs SET webhook_state = ?, webhook_attempts = ?, webhook_next_at = ?,"
-                " webhook_last_error = ?, lease_until = 0, lease_owner = NULL WHERE id = ?",
-                (state, attempts, next_at, error, job_id),
+                " webhook_last_error = ?, lease_until = 0, lease_owner = NULL"
+                " WHERE id = ? AND webhook_state = 'pending' AND webhook_attempts = ?",
+                (state, attempts, next_at, error, job_id, expected_attempts),
             )
+            return cursor.rowcount == 1
 
     def release(self, worker: str) -> int:
         """Give up every lease ``worker`` holds (a graceful stop), so others claim at once.

@@ -38,9 +38,11 @@ import os
 import random
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,6 +59,14 @@ Resolver = Callable[[str, int], Sequence[str]]
 """``(host, port) -> addresses`` as strings; :func:`system_resolver` unless a test injects one."""
 
 SECRET_BYTES = (24, 64)  # the Standard Webhooks spec's bounds for a secret
+
+# Callback host look-ups run on a pool of their own and are waited for at most this long.
+# getaddrinfo cannot be cancelled and a hostile name server may never answer: on the
+# replica's shared thread pool (5 threads for a replica under 1 CPU) a few such look-ups
+# held every thread, and lease renewals and claims queued behind them. When every look-up
+# thread is stuck the next one is refused at once (retryable), never queued.
+DNS_THREADS = 4
+DNS_TIMEOUT_S = 3.0
 
 
 # ---- the signing secret ------------------------------------------------------------------
@@ -116,20 +126,83 @@ class CallbackTarget:
 
 
 class CallbackRefused(InvalidInput):
-    """A callback URL the policy refuses; ``category`` is what the job's status shows."""
+    """A callback URL the policy refuses; ``category`` is what the job's status shows.
+
+    ``temporary``: the name could not be looked up now (the resolver timed out or said
+    "try again"), which is no fault of the URL: at submission that is a 503, not a 422.
+    """
 
     def __init__(
-        self, message: str, category: str, retryable: bool = False, detail_type: str = ""
+        self,
+        message: str,
+        category: str,
+        retryable: bool = False,
+        detail_type: str = "",
+        temporary: bool = False,
     ) -> None:
         super().__init__(message, [{"type": detail_type or category}])
         self.category = category
         self.retryable = retryable
+        self.temporary = temporary
 
 
 def system_resolver(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to, as the operating system answers."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos]
+
+
+class _Lookups:
+    """The look-up pool and how many of its threads are taken (a lock: callers are the
+    threads of a replica, or of a job-parsing process)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.busy = 0
+        self.pool: ThreadPoolExecutor | None = None
+
+    def start(self, resolver: Resolver, host: str) -> Future[Sequence[str]] | None:
+        with self.lock:
+            if self.busy >= DNS_THREADS:
+                return None
+            self.busy += 1
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="callback-dns")
+        future = self.pool.submit(resolver, host, 0)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future: Future[Sequence[str]]) -> None:
+        with self.lock:
+            self.busy -= 1
+
+
+_LOOKUPS = _Lookups()
+
+
+def _temporarily_unresolved(host: str, why: str) -> CallbackRefused:
+    return CallbackRefused(
+        f"callback_url host {host!r} could not be looked up now ({why}): retry later",
+        "dns_error",
+        retryable=True,
+        detail_type="callback_dns_unavailable",
+        temporary=True,
+    )
+
+
+def lookup(host: str, resolver: Resolver) -> Sequence[str]:
+    """``resolver(host)``, on the look-up pool, waited for at most :data:`DNS_TIMEOUT_S`."""
+    future = _LOOKUPS.start(resolver, host)
+    if future is None:
+        raise _temporarily_unresolved(host, "every look-up thread is busy")
+    try:
+        return future.result(timeout=DNS_TIMEOUT_S)
+    except TimeoutError as exc:  # the thread goes on; its slot frees when it ends
+        raise _temporarily_unresolved(host, f"no answer within {DNS_TIMEOUT_S:g} s") from exc
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:
+            raise _temporarily_unresolved(host, "the name server said try again") from exc
+        raise
 
 
 def parse_callback_url(url: str, config: WebhookConfig) -> CallbackTarget:
@@ -188,7 +261,10 @@ def check_callback_url(
         addresses = [ipaddress.ip_address(target.host)]
     except ValueError:
         try:
-            addresses = [ipaddress.ip_address(a.split("%")[0]) for a in resolver(target.host, 0)]
+            found = lookup(target.host, resolver)
+            addresses = [ipaddress.ip_address(a.split("%")[0]) for a in found]
+        except CallbackRefused:
+            raise
         except (OSError, UnicodeError, ValueError) as exc:
             raise CallbackRefused(
                 f"callback_url host {target.host!r} does not resolve", "dns_error", True
@@ -234,7 +310,7 @@ def _is_local_name(host: str) -> bool:
 
 def sign(secret: str, webhook_id: str, body: str, now: datetime | None = None) -> dict[str, str]:
     """The Standard Webhooks headers for ``body``."""
-    timestamp = now or datetime.now(tz=timezone.utc)
+    timestamp = now or datetime.now(tz=UTC)
     signature = Webhook(secret).sign(webhook_id, timestamp, body)
     return {
         "webhook-id": webhook_id,

@@ -241,14 +241,14 @@ def test_webhook_schedule_and_purge(queue: JobQueue) -> None:
     queue.save_results(job.id, "w1", 30, [(0, {"score": 0.5})])
     assert queue.finish(job.id, "w1", "succeeded", None, 30, result_ttl_s=0.01)
     assert queue.claim("w2", 30) is None  # the finishing worker delivers first
-    queue.record_webhook(job.id, "pending", 1, time.time() + 60, "HTTP 503")
+    queue.record_webhook(job.id, "pending", 1, time.time() + 60, "HTTP 503", 0)
     assert queue.claim("w2", 30) is None  # not before its next attempt time
     time.sleep(0.02)
     assert queue.purge_expired() == 0  # a webhook still owed keeps the job
-    queue.record_webhook(job.id, "pending", 2, time.time() - 1, "HTTP 503")
+    queue.record_webhook(job.id, "pending", 2, time.time() - 1, "HTTP 503", 1)
     retry = queue.claim("w2", 30)
     assert retry is not None and retry.id == job.id and retry.webhook_attempts == 2
-    queue.record_webhook(job.id, "delivered", 3, 0, None)
+    queue.record_webhook(job.id, "delivered", 3, 0, None, 2)
     delivered = queue.get_any(job.id)
     assert delivered is not None and delivered.public()["webhook"] == {
         "state": "delivered",
@@ -257,6 +257,27 @@ def test_webhook_schedule_and_purge(queue: JobQueue) -> None:
     }
     assert queue.purge_expired() == 1
     assert queue.get_any(job.id) is None and queue.results(job.id, 0, 10) == []
+
+
+def test_an_attempt_that_outlived_its_fence_cannot_overwrite_the_next(queue: JobQueue) -> None:
+    """Worker A's attempt 1 ran past its fence; B claimed and started attempt 2. A's late
+    "timeout" used to overwrite B's attempt (and later B's "delivered"), so the webhook
+    was sent a third time."""
+    job, _ = queue.create("o", ITEMS[:1], {}, "https://93.184.216.34/h", None, "h")
+    queue.claim("a", 30)
+    queue.save_results(job.id, "a", 30, [(0, {"score": 0.5})])
+    assert queue.finish(job.id, "a", "succeeded", None, 30, result_ttl_s=60)
+    fence_over = time.time() - 1
+    assert queue.record_webhook(job.id, "pending", 1, fence_over, "in_progress", 0)  # A starts
+    assert queue.claim("b", 30) is not None
+    assert queue.record_webhook(job.id, "pending", 2, time.time() + 60, "in_progress", 1)  # B
+    assert not queue.record_webhook(job.id, "pending", 1, time.time() - 1, "timeout", 1)  # A
+    assert not queue.record_webhook(job.id, "pending", 2, time.time(), "in_progress", 1)  # twice
+    assert queue.record_webhook(job.id, "delivered", 2, 0, None, 2)  # B's outcome
+    assert not queue.record_webhook(job.id, "dead", 1, 0, "timeout", 1)
+    done = queue.get_any(job.id)
+    assert done is not None and (done.webhook_state, done.webhook_attempts) == ("delivered", 2)
+    assert queue.claim("c", 30) is None
 
 
 def test_purge_goes_past_one_batch(queue: JobQueue) -> None:
@@ -328,7 +349,7 @@ def test_work_is_claimed_before_due_webhooks(queue: JobQueue) -> None:
     queue.claim("w", 30)
     queue.save_results(done.id, "w", 30, [(0, {"score": 0.5})])
     queue.finish(done.id, "w", "succeeded", None, 30, 60)
-    queue.record_webhook(done.id, "pending", 1, time.time() - 1, "HTTP 503")
+    queue.record_webhook(done.id, "pending", 1, time.time() - 1, "HTTP 503", 0)
     work, _ = queue.create("o", ITEMS, {}, None, None, "h2")
     first = queue.claim("w2", 30)
     second = queue.claim("w3", 30)
@@ -371,18 +392,37 @@ def test_postgres_oldest_queued_age_reads_its_partial_index(postgres_srv: Postgr
         queue.close()
 
 
-def test_postgres_schema_1_is_migrated_to_the_queued_index(postgres_srv: PostgresServer) -> None:
+def test_postgres_webhook_claim_reads_its_partial_index(postgres_srv: PostgresServer) -> None:
+    """An idle poll (several a second per worker) must not read every retained job."""
+    from serve_app.jobs.postgres import CLAIM_WEBHOOK_SQL
+
+    queue = PostgresJobQueue(postgres_srv.create_database("webhook_due"))
+    try:
+        with queue._connect() as db, db.transaction():
+            db.execute("SET LOCAL enable_seqscan = off")  # a tiny table: ask what it can use
+            explain = f"EXPLAIN {CLAIM_WEBHOOK_SQL}"
+            plan = " ".join(row[0] for row in db.execute(explain, (1.0, 1.0)))
+        assert "jobs_webhook_due" in plan, plan
+    finally:
+        queue.close()
+
+
+def test_postgres_schema_1_is_migrated_to_the_current_indexes(
+    postgres_srv: PostgresServer,
+) -> None:
     url = postgres_srv.create_database("migrate")
     PostgresJobQueue(url).close()
     with psycopg.connect(url, autocommit=True) as db:  # as a version-1 database was
         db.execute("DROP INDEX jobs_queued")
+        db.execute("DROP INDEX jobs_webhook_due")
         db.execute("DELETE FROM serve_app_schema WHERE version > 1")
     migrated = PostgresJobQueue(url)
     try:
         with psycopg.connect(url, autocommit=True) as db:
             versions = [v for (v,) in db.execute("SELECT version FROM serve_app_schema")]
             indexes = {n for (n,) in db.execute("SELECT indexname FROM pg_indexes")}
-        assert sorted(versions) == [1, 2] and "jobs_queued" in indexes
+        assert sorted(versions) == [1, 2, 3]
+        assert {"jobs_queued", "jobs_webhook_due"} <= indexes
         job, _ = migrated.create("o", ITEMS, {}, None, None, "h")
         assert migrated.oldest_queued_age(job.created_at + 3) == pytest.approx(3)
     finally:

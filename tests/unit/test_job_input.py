@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import pickle
+import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +18,13 @@ import pytest
 
 from serve_app.api.job_input import IN_PROCESS_MAX_BYTES, WORKER_PROCESSES, JobCreator
 from serve_app.config import JobsConfig
-from serve_app.errors import Conflict, InvalidInput, Overloaded, TooManyRequests
+from serve_app.errors import (
+    Conflict,
+    InvalidInput,
+    JobWorkerLost,
+    Overloaded,
+    TooManyRequests,
+)
 from serve_app.jobs.sqlite import SQLiteJobQueue
 from serve_app.jobs.webhooks import CallbackRefused
 
@@ -168,6 +176,40 @@ def test_a_resend_gets_its_job_even_when_its_own_items_fill_the_quota(tmp_path: 
             )
         with pytest.raises(TooManyRequests):  # a new job is still held to the quota
             await creator.create(three, "carol", "order-43")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        creator.close()
+
+
+def test_a_killed_parsing_worker_is_a_503_and_the_next_body_gets_a_fresh_one(
+    tmp_path: Path,
+) -> None:
+    """The OOM killer taking the worker breaks a ProcessPoolExecutor for good: without a
+    fresh pool every later large body of the replica was a bare 500."""
+    jobs = JobsConfig(queue_url=f"sqlite:///{tmp_path / 'jobs.db'}")
+    creator = JobCreator(jobs, SQLiteJobQueue(tmp_path / "jobs.db"), webhooks_configured=False)
+    large = body(20_000)
+
+    async def kill_the_worker() -> None:
+        pool = creator._pool
+        assert pool is not None
+        while not pool._processes:  # started on the first submit
+            await asyncio.sleep(0.01)
+        for pid in list(pool._processes):
+            os.kill(pid, signal.SIGKILL)
+
+    async def scenario() -> None:
+        creating = asyncio.ensure_future(creator.create(large, "alice", "k1"))
+        await asyncio.sleep(0)  # submitted: the pool exists
+        await kill_the_worker()
+        with pytest.raises(JobWorkerLost) as caught:
+            await creating
+        assert caught.value.status_code == 503 and caught.value.retry_after_s >= 1
+        assert creator._pool is None and creator._in_processes == 0
+        job, _created = await creator.create(large, "alice", "k1")  # a fresh pool
+        assert job.total == 20_000
 
     try:
         asyncio.run(scenario())

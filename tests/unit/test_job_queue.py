@@ -1,6 +1,7 @@
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,9 +101,9 @@ def test_webhook_schedule_and_purge(queue: SQLiteJobQueue) -> None:
     queue.save_results(job.id, "w1", 30, [(0, {"score": 0.5})])
     assert queue.finish(job.id, "w1", "succeeded", None, 30, result_ttl_s=0.01)
     assert queue.claim("w2", 30) is None  # the finishing worker delivers first
-    queue.record_webhook(job.id, "pending", 1, time.time() + 60, "HTTP 503")
+    queue.record_webhook(job.id, "pending", 1, time.time() + 60, "HTTP 503", 0)
     assert queue.claim("w2", 30) is None  # not before its next attempt time
-    queue.record_webhook(job.id, "delivered", 2, 0, None)
+    queue.record_webhook(job.id, "delivered", 2, 0, None, 1)
     time.sleep(0.02)
     assert queue.purge_expired() == 1
     assert queue.get_any(job.id) is None and queue.results(job.id, 0, 10) == []
@@ -230,3 +231,64 @@ def test_refused_items_are_stored_compactly_and_read_back_whole(tmp_path: Path) 
     assert [r["index"] for r in page] == [19_998, 19_999]
     assert page[0]["error"]["details"][0]["loc"] == ["context", "amount"]
     assert page[1]["error"]["code"] == "invalid_input" and page[1]["ok"] is False
+
+
+def test_a_results_page_reads_only_the_errors_it_shows(tmp_path: Path) -> None:
+    """A job of 20,000 distinct errors (an unknown field's name is in each message): a
+    page of one item read every one of them, on every poll."""
+    import tracemalloc
+
+    from serve_app.api.job_input import prepare_job
+
+    body = {"items": [{"entity_id": "E0000001", f"field_{i}": 1} for i in range(20_000)]}
+    prepared = prepare_job(body, 100_000)
+    assert len({json_text(e) for e in prepared.rejected.values()}) == 20_000
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    job, _ = queue.create("o", prepared.items, prepared.rejected, None, None, prepared.body_hash)
+    tracemalloc.start()
+    try:
+        page = queue.results(job.id, 12_345, 2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [r["index"] for r in page] == [12_345, 12_346]
+    assert "field_12345" in str(page[0]["error"]) and "field_12346" in str(page[1]["error"])
+    assert peak < 200_000, peak  # all 20,000 errors: several MB
+
+
+def json_text(value: object) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True)
+
+
+def test_a_created_job_is_on_disk_before_create_returns(tmp_path: Path) -> None:
+    """WAL's synchronous=NORMAL loses the last commits on a power loss: a job already
+    answered 202 could vanish. Creation commits with synchronous=FULL."""
+    statements: list[str] = []
+
+    class Traced(SQLiteJobQueue):
+        def _connect(self):  # type: ignore[no-untyped-def]
+            context = super()._connect()
+            db = context.__enter__()
+            db.set_trace_callback(statements.append)
+            return _Entered(context, db)
+
+    queue = Traced(tmp_path / "jobs.db")
+    statements.clear()
+    queue.create("o", ITEMS, {}, None, None, "h")
+    begin = statements.index("BEGIN IMMEDIATE")
+    assert statements[:begin].count("PRAGMA synchronous=FULL") == 1, statements[: begin + 1]
+
+
+class _Entered:
+    """A context manager already entered: hands out ``db``, exits ``context``."""
+
+    def __init__(self, context: Any, db: sqlite3.Connection) -> None:
+        self.context, self.db = context, db
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.db
+
+    def __exit__(self, *exc: object) -> Any:
+        return self.context.__exit__(*exc)

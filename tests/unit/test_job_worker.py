@@ -296,3 +296,37 @@ def test_a_failed_claim_gives_its_job_slot_back(
     assert failures == 3
     assert state == "succeeded", "no slot was left to claim the job"
     assert free == 2
+
+
+class _OutageModel(_Model):
+    """A Model whose feature store (on_error: fail) is down for the first two calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def _score(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        self.calls += 1
+        if self.calls <= 2:
+            down = {"error": {"code": "store_unavailable", "message": "feature store down"}}
+            return {"results": [down for _ in items]}
+        return await super()._score(items)
+
+
+def test_a_store_outage_is_waited_out_not_stored_as_failed_items(tmp_path: Path) -> None:
+    """A live request gets a 503 during an outage; a job used to store the failure as the
+    item's result for good (results are stored once) and report "succeeded"."""
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    items = [{"entity_id": e, "context": {}} for e in ("E1", "E2", "E3")]
+    job, _ = queue.create("o", items, {}, None, None, "h")
+    claimed = queue.claim("w1", 30)
+    assert claimed is not None
+    worker = _worker(queue)
+    worker._model = _OutageModel()
+    worker._config = JobsConfig(chunk_size=2, store_wait_max_s=0.05)
+    asyncio.run(worker._run_job(claimed))
+    assert worker._model.calls == 4  # twice refused, then both chunks scored
+    final = queue.get(job.id, "o")
+    assert final is not None and final.state == "succeeded"
+    assert (final.done, final.failed, final.claims) == (3, 0, 1)
+    assert [r["ok"] for r in queue.results(job.id, 0, 10)] == [True, True, True]

@@ -82,7 +82,7 @@ def test_attempts_used_up_by_dying_workers_make_the_webhook_dead(tmp_path: Path)
     config = JobsConfig(webhooks={"allowed_hosts": [f"127.0.0.1:{port}"], "max_attempts": 3})
     job_id = finished_job(queue, f"http://127.0.0.1:{port}/hook", lease_s=30)
     # three workers each counted an attempt, then died before recording its outcome
-    queue.record_webhook(job_id, "pending", 3, time.time() - 1, "in_progress")
+    queue.record_webhook(job_id, "pending", 3, time.time() - 1, "in_progress", 0)
     asyncio.run(worker(queue, config)._send_webhook(job_id))
     job = queue.get_any(job_id)
     assert job is not None and job.webhook_state == "dead" and job.webhook_attempts == 3

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -23,6 +23,7 @@ from standardwebhooks.webhooks import Webhook
 
 from serve_app.config import WebhookConfig
 from serve_app.errors import ConfigError, InvalidInput
+from serve_app.jobs import webhooks
 from serve_app.jobs.webhooks import (
     backoff_s,
     check_callback_url,
@@ -152,7 +153,7 @@ def test_malformed_allowed_hosts_fail_at_start() -> None:
 
 def test_signature_verifies_with_the_reference_library() -> None:
     body = '{"type":"job.succeeded"}'
-    headers = sign(SECRET, "msg_1", body, now=datetime.now(tz=timezone.utc))
+    headers = sign(SECRET, "msg_1", body, now=datetime.now(tz=UTC))
     assert headers["webhook-id"] == "msg_1" and headers["webhook-signature"].startswith("v1,")
     assert Webhook(SECRET).verify(body, headers) == {"type": "job.succeeded"}
     with pytest.raises(Exception, match="signature"):
@@ -353,3 +354,64 @@ def test_delivery_goes_to_the_address_that_was_checked_dns_rebinding(
         attempt = send(url, config)
         assert (attempt.delivered, attempt.error) == (False, "refused_address")
         assert internal.requests == [] and len(allowed.requests) == 1
+
+
+# ---- look-ups that never answer --------------------------------------------------------
+
+
+def test_a_name_server_that_never_answers_cannot_take_the_replicas_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eight deliveries to a host whose look-up hangs: before, each held a thread of the
+    replica's shared pool for as long as the look-up hung, and the lease renewals that
+    run on that pool (asyncio.to_thread) waited behind them."""
+    monkeypatch.setattr(webhooks, "DNS_TIMEOUT_S", 0.3, raising=False)
+    release = threading.Event()
+
+    def hanging(host: str, port: int) -> list[str]:
+        release.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    async def scenario() -> tuple[list[Any], float]:
+        config = WebhookConfig(timeout_s=5)
+        attempts = await asyncio.gather(
+            *(
+                deliver("https://hooks.example.com/x", SECRET, f"m{i}", "{}", config, hanging)
+                for i in range(8)
+            )
+        )
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 5)  # a lease renewal
+        return attempts, time.monotonic() - started
+
+    try:
+        attempts, renewal_s = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert {(a.delivered, a.retryable, a.error) for a in attempts} == {(False, True, "dns_error")}
+    assert renewal_s < 1.0  # shared threads free; the stuck look-ups hold their own
+
+
+def test_a_look_up_that_says_try_again_is_a_503_at_submission_not_a_422(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serve_app.api.job_input import create_job
+    from serve_app.config import JobsConfig
+    from serve_app.errors import CallbackLookupUnavailable
+
+    def try_again(*args: Any, **kwargs: Any) -> list[Any]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    def no_such_name(*args: Any, **kwargs: Any) -> list[Any]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    jobs = JobsConfig(queue_url=f"sqlite:///{tmp_path / 'jobs.db'}").model_dump()
+    raw = b'{"items": [{"entity_id": "E1"}], "callback_url": "https://hooks.example.com/x"}'
+    monkeypatch.setattr(socket, "getaddrinfo", try_again)  # what system_resolver calls
+    with pytest.raises(CallbackLookupUnavailable) as caught:
+        create_job(raw, "alice", None, jobs, webhooks_configured=True)
+    assert caught.value.status_code == 503 and caught.value.retry_after_s >= 1
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+    with pytest.raises(InvalidInput) as refused:
+        create_job(raw, "alice", None, jobs, webhooks_configured=True)
+    assert refused.value.status_code == 422
