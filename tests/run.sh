@@ -20,11 +20,27 @@ for pair in redis-server:redis-server postgres:postgresql prometheus:prometheus 
     command -v "$binary" >/dev/null || need+=("$package")
   fi
 done
+# Python 3.11+ with venv: Debian ships venv's ensurepip in a package of its own.
+python3 -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+  || need+=(python3 python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
-  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null \
-    || { echo "FAIL: could not install ${need[*]}" >&2; exit 1; }
+  # The tests start each server themselves on a free port: keep apt from starting (and
+  # enabling) system-wide daemons that would outlive the run, listening on every
+  # interface (policy-rc.d is Debian's switch for that; ours only if none exists).
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy"
+  fi
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  installed=$?
+  [ -z "$policy" ] || $SUDO rm -f "$policy"
+  [ $installed = 0 ] || { echo "FAIL: could not install ${need[*]}" >&2; exit 1; }
 fi
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "FAIL: python3 is $(python3 --version 2>&1); serve_app needs 3.11 or newer" >&2; exit 1; }
 
 # uv (from PyPI, pinned) installs the lock in about a minute where pip takes about five;
 # the lock is uv's own output. Packages come from PyPI as with pip.

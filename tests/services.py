@@ -28,7 +28,20 @@ import redis
 
 from tests.servers import free_port
 
-PG_BIN = Path(os.environ.get("SERVE_APP_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """The newest installed PostgreSQL's bin directory (Debian 12 has 15, Debian 13 has
+    17); ``SERVE_APP_PG_BIN`` overrides it."""
+    if "SERVE_APP_PG_BIN" in os.environ:
+        return Path(os.environ["SERVE_APP_PG_BIN"])
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+        key=lambda path: int(path.parent.parent.name) if path.parent.parent.name.isdigit() else 0,
+    )
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 
 
 def _binary(path: Path | str, package: str) -> str:
