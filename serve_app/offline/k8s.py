@@ -7,6 +7,8 @@ The manifest is derived, never hand-edited, so it cannot drift from the config:
 * the worker group's CPU request is what the deployments need at peak
   (``num_cpus x max_replicas`` summed), spread over ``workers - 1`` pods so that the
   app still fits after losing one pod; Ray's ``num-cpus`` equals the pod's request;
+* Ray's token auth is on (``authOptions``, KubeRay 1.5.1 or newer); configs that only
+  work on one machine (SQLite files, HAProxy on loopback) are refused;
 * every Ray container (head and workers) gets the variables of ``configs/serve.env``
   (throughput mode, HAProxy's retries and server timeout, the ingress drain: what the
   README's run command sources; at least ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` and
@@ -61,10 +63,14 @@ def peak_cpus(serve_config: dict[str, Any]) -> float:
     return total
 
 
-def worker_cpus(serve_config: dict[str, Any], workers: int) -> float:
-    """Per worker pod, in halves of a CPU: the peak fits on ``workers - 1`` pods (N+1)."""
-    survivors = max(1, workers - 1)
-    return math.ceil(peak_cpus(serve_config) / survivors * 2) / 2
+def worker_cpus(serve_config: dict[str, Any], workers: int) -> int:
+    """Per worker pod, in whole CPUs (``ray start --num-cpus`` takes an integer only: a
+    half made every worker pod fail to start): the peak fits on ``workers - 1`` pods."""
+    if workers < 2:
+        raise ConfigError(
+            f"--workers {workers}: at least 2, so that the app still fits after losing a pod"
+        )
+    return max(1, math.ceil(peak_cpus(serve_config) / (workers - 1)))
 
 
 def secret_variables(serve_config: dict[str, Any]) -> list[str]:
@@ -123,12 +129,34 @@ def refuse_inline_credentials(serve_config: dict[str, Any]) -> None:
                 )
 
 
+def refuse_node_local(serve_config: dict[str, Any]) -> None:
+    """Settings that only work on one machine: HAProxy bound to loopback inside a pod is
+    unreachable from a Service, and a SQLite file is a different database on every pod."""
+    for application in serve_config["applications"]:
+        config = AppConfig.model_validate(application.get("args") or {})
+        urls = {"store.url": config.store.url}
+        if config.jobs.enabled:
+            urls["jobs.queue_url"] = config.jobs.queue_url
+        for name, url in urls.items():
+            if url.startswith("sqlite:"):
+                raise ConfigError(
+                    f"{name} is a SQLite file ({url}), which each pod would have apart: "
+                    "use Redis or PostgreSQL, as configs/cluster.yaml does"
+                )
+    host = (serve_config.get("http_options") or {}).get("host", "127.0.0.1")
+    if host != "0.0.0.0":
+        raise ConfigError(
+            f"http_options.host is {host}: inside a pod only 0.0.0.0 is reachable from a "
+            "Kubernetes Service (configs/cluster.yaml sets it)"
+        )
+
+
 def build_manifest(serve_config: dict[str, Any], options: ManifestOptions) -> dict[str, Any]:
     """The RayService as a dict (see the module docstring for what is derived from what)."""
     refuse_inline_credentials(serve_config)
+    refuse_node_local(serve_config)
     secrets = secret_variables(serve_config)
-    per_worker = worker_cpus(serve_config, options.worker_replicas)
-    per_worker_text = f"{per_worker:g}"
+    per_worker_text = str(worker_cpus(serve_config, options.worker_replicas))
     head = _container("ray-head", options, secrets, options.head_cpus, options.head_memory)
     head["ports"] = [
         {"containerPort": 6379, "name": "gcs"},
@@ -145,6 +173,11 @@ def build_manifest(serve_config: dict[str, Any], options: ManifestOptions) -> di
             "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
+                # Ray's token auth on GCS, dashboard and client ports (KubeRay >= 1.5.1
+                # makes the token Secret and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN in every
+                # pod): without it `ray start` runs open, and anyone on the pod network
+                # could submit Ray jobs that read the API keys and database URLs.
+                "authOptions": {"mode": "token"},
                 "headGroupSpec": {
                     # the head runs the controller and GCS, no replicas
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},

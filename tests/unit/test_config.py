@@ -90,6 +90,17 @@ def test_docker_config_runs_the_same_deployments_as_the_default() -> None:
     assert _deployments(ROOT / "configs/docker.yaml") == _deployments(ROOT / "configs/config.yaml")
 
 
+@pytest.mark.parametrize("name", ["docker.yaml", "cluster.yaml"])
+def test_every_config_behind_haproxy_admits_as_the_default_does(name: str) -> None:
+    """The image and the cluster run HAProxy's shedding too (serve.env): with the app's
+    0.4 s default they refused inside the replicas as well, at a fraction of the goodput."""
+
+    def limits(path: Path) -> object:
+        return yaml.safe_load(path.read_text())["applications"][0]["args"].get("limits")
+
+    assert limits(ROOT / "configs" / name) == limits(ROOT / "configs/config.yaml")
+
+
 def test_configuration_reference_is_current() -> None:
     """docs/configuration.md is generated: regenerate with `serve-app config-reference`."""
     assert (ROOT / "docs/configuration.md").read_text() == render()

@@ -130,3 +130,42 @@ def test_a_literal_password_in_a_url_is_refused_not_copied(
     referenced.write_text(yaml.safe_dump(cluster))
     text = render_manifest(referenced, ManifestOptions())
     assert "hunter2" not in text and "REDIS_PASSWORD" in text.splitlines()[1]
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4, 5, 6, 9])
+def test_num_cpus_is_a_whole_number_for_any_worker_count(workers: int) -> None:
+    """``ray start --num-cpus 0.5`` is refused, so a half CPU kept every worker pod down."""
+    text = render_manifest(CLUSTER, ManifestOptions(worker_replicas=workers))
+    (group,) = yaml.safe_load(text)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    num_cpus = group["rayStartParams"]["num-cpus"]
+    assert num_cpus.isdigit() and int(num_cpus) >= 1
+    peak = peak_cpus(yaml.safe_load(CLUSTER.read_text()))
+    assert int(num_cpus) * (workers - 1) >= peak
+
+
+def test_ray_token_auth_is_on(manifest: dict[str, Any]) -> None:
+    assert manifest["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--workers", "1"], "at least 2"),
+        (["--config", str(ROOT / "configs" / "config.yaml")], "SQLite"),
+    ],
+)
+def test_manifests_that_cannot_work_on_a_cluster_are_refused(
+    argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "rayservice.yaml"
+    assert main(["k8s", "--config", str(CLUSTER), *argv, "--out", str(out)]) == 2
+    assert says in capsys.readouterr().err and not out.exists()
+
+
+def test_a_loopback_host_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = yaml.safe_load(CLUSTER.read_text())
+    config["http_options"]["host"] = "127.0.0.1"
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["k8s", "--config", str(path), "--out", str(tmp_path / "out.yaml")]) == 2
+    assert "0.0.0.0" in capsys.readouterr().err
