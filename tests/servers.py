@@ -23,8 +23,12 @@ def serve_in_thread(app: FastAPI, port: int | None = None) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
+    while not server.started and time.monotonic() < deadline and thread.is_alive():
         time.sleep(0.02)
+    if not server.started:  # a stub that never listened makes every test of it pass wrongly
+        server.should_exit = True
+        thread.join(timeout=10)
+        raise RuntimeError(f"the stub server on 127.0.0.1:{port} did not start")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from loadtests import launch
 from tests.integration.conftest import (
     APP_NAME,
     OTHER_KEY,
@@ -257,7 +258,12 @@ def test_killed_worker_mid_job_loses_nothing(serve_app: ServeApp) -> None:
     job = submit(serve_app, {"items": items(n, 20_000)}).json()
     running = wait_for(serve_app, job["id"], lambda j: j["progress"]["done"] >= 500, 60)
     assert running["progress"]["done"] < n, "job finished before the kill; make it larger"
-    os.kill(worker_pid(serve_app), signal.SIGKILL)
+    # every JobWorker replica: /v1/stats names whichever one answered, which with two
+    # replicas need not be the one running this job (the kill then tested nothing)
+    pids = launch.replica_pids(APP_NAME, "JobWorker")
+    assert pids and worker_pid(serve_app) in pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
     done = wait_for(serve_app, job["id"], finished, 180)
     assert done["state"] == "succeeded" and done["progress"]["done"] == n
     results = all_results(serve_app, job["id"])

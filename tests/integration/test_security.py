@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from serve_app.api.job_input import WORKER_PROCESSES
 from tests.integration.conftest import API_KEY, OTHER_KEY, ServeApp
 
 pytestmark = pytest.mark.integration
@@ -179,16 +180,21 @@ def test_eight_max_size_job_posts_keep_healthz_fast_and_memory_bounded(
         f"ingress replica={[round(g / 2**20) for g in growths.values()]} MiB"
     )
     assert set(statuses) <= {202, 429, 503}, [r.text[:300] for r in responses]
-    # per replica: two creations per key, two large bodies parsing; the rest 429 or 503
-    assert 1 <= statuses.count(202) <= 8
+    # Per replica one large body parses at a time (WORKER_PROCESSES) and a key has a few
+    # creation slots; the posts arrive together and a parse takes seconds, so most are
+    # refused at once (a replica may take a second one if its first ended meanwhile).
+    # Without those limits all eight were accepted.
+    accepted = statuses.count(202)
+    assert 1 <= accepted <= min(len(statuses) - 1, 2 * WORKER_PROCESSES * len(pids)), statuses
     for response in responses:
         if response.status_code == 202:
             assert response.json()["progress"]["failed"] == jobs.max_items
         else:
             assert int(response.headers["Retry-After"]) >= 1
+            assert response.json()["error"]["code"] in {"overloaded", "too_many_requests"}
     # A bound that catches a 10x regression, not a slow machine: measured p99 36-64 ms
     # (2026-11-30), 213 ms in a CI run of 2026-12-01 on a machine twice as slow.
-    assert p99 < 0.5, f"/healthz p99 {p99 * 1000:.0f} ms during the posts"
+    assert p99 < 2.0, f"/healthz p99 {p99 * 1000:.0f} ms during the posts"
     assert growth < 2**30, f"an Ingress replica grew by {growth / 2**20:.0f} MiB"
 
 

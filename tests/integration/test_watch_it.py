@@ -428,5 +428,7 @@ def test_serve_page_screenshot_shows_the_deployments(cluster: Cluster, tmp_path:
     text = screenshot(cluster.dashboard_url, cluster.token, out, settle_s=10)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
     assert "serve_app" in text, text[:1000]
+    missing = {name for name in DEPLOYMENTS if name not in text}
+    assert not missing, (missing, text[:1500])  # the app's row lists them, expanded
     if os.environ.get("UPDATE_SCREENSHOT") == "1":
         shutil.copy(out, ROOT / "docs" / "ray-dashboard-serve.png")
