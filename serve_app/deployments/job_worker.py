@@ -33,7 +33,14 @@ from serve_app.api.validation import parse_item
 from serve_app.config import JobsConfig, JobWorkerTuning
 from serve_app.errors import InvalidInput
 from serve_app.jobs import Job, JobQueue, open_job_queue
-from serve_app.jobs.webhooks import Attempt, backoff_s, deliver, event_body, read_secret
+from serve_app.jobs.webhooks import (
+    Attempt,
+    backoff_s,
+    deliver,
+    event_body,
+    owner_secret,
+    read_secret,
+)
 from serve_app.logs import route_to_serve_logs
 from serve_app.metrics import JobMetrics
 from serve_app.scoring.answers import job_result
@@ -328,9 +335,8 @@ class JobWorker:
         else:
             try:
                 body = json.dumps(event_body(job.public()), separators=(",", ":"))
-                attempt = await deliver(
-                    job.callback_url, self._secret, f"msg_{job.id}", body, config
-                )
+                secret = owner_secret(self._secret, job.owner)  # never another's
+                attempt = await deliver(job.callback_url, secret, f"msg_{job.id}", body, config)
             except Exception:  # deliver() classifies its own failures; this is a bug guard
                 logger.exception("job %s: webhook attempt failed unexpectedly", job.id)
                 attempt = Attempt(False, True, "internal_error")

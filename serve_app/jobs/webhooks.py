@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import ipaddress
 import os
 import random
@@ -87,6 +88,17 @@ def read_secret(config: WebhookConfig) -> str | None:
         return None
     check_secret(secret, source)
     return secret
+
+
+def owner_secret(master: str, owner: str) -> str:
+    """The secret that signs ``owner``'s webhooks: HMAC-SHA256 of the owner's id under the
+    service's secret, in the same ``whsec_`` form. One secret for every API key let any
+    tenant that verifies its own webhooks forge signed ones for another's receiver.
+    Derived, not stored: nothing to keep in step when keys are added
+    (``serve-app webhook-secret`` prints one to hand out with its key)."""
+    raw = base64.b64decode(master.removeprefix(WEBHOOK_SECRET_PREFIX))
+    derived = hmac.new(raw, b"serve_app webhook secret v1\0" + owner.encode(), "sha256")
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(derived.digest()).decode()
 
 
 def check_secret(secret: str, source: str) -> None:

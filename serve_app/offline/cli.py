@@ -3,6 +3,8 @@
 * ``serve-app keygen [--file PATH] [--id NAME]``: create the API-key file (0600) named in
   the YAML unless it exists (with ``--id``: add a ``NAME:KEY`` line), print the new key
   once, and create the webhook signing secret.
+* ``serve-app webhook-secret (--id NAME | < key)``: the secret that signs that key's
+  webhooks (each key's own, derived from the service's secret): hand it out with the key.
 * ``serve-app build [CONFIG] [--force]``: build the example store and model.
 * ``serve-app config-reference``: every setting with its default, as Markdown.
 * ``serve-app load-features --to redis://... --from FILE``: validate entity features
@@ -49,6 +51,36 @@ def _keygen(args: argparse.Namespace) -> int:
     secret_file = config.jobs.webhooks.secret_file
     if secret_file and write_secret_file(Path(secret_file), new_webhook_secret()):
         print(f"wrote a new webhook signing secret to {secret_file} (mode 0600)", file=sys.stderr)
+    if key is not None and args.id is not None and secret_file:
+        print(f"its jobs' webhooks: `serve-app webhook-secret --id {args.id}`", file=sys.stderr)
+    return 0
+
+
+def _webhook_secret(args: argparse.Namespace) -> int:
+    """Print the secret that signs one API key's webhooks (hand it out with the key)."""
+    from serve_app.api.auth import KeyEntry
+    from serve_app.config import load_app_config
+    from serve_app.errors import ConfigError
+    from serve_app.jobs.webhooks import owner_secret, read_secret
+
+    config = load_app_config(Path(args.config))
+    try:
+        master = read_secret(config.jobs.webhooks)
+    except ConfigError as exc:
+        print(f"webhook-secret: {exc.message}", file=sys.stderr)
+        return 2
+    if master is None:
+        print("webhook-secret: no signing secret is configured", file=sys.stderr)
+        return 2
+    if args.id is not None:
+        owner = KeyEntry("-", args.id).owner
+    else:  # a key without an id: its owner is a digest of the key, read from stdin
+        presented = sys.stdin.readline().strip()
+        if not presented:
+            print("webhook-secret: pass --id NAME, or the key on stdin", file=sys.stderr)
+            return 2
+        owner = KeyEntry(presented).owner
+    print(owner_secret(master, owner))
     return 0
 
 
@@ -131,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         "--id", default=None, help="add a NAME:KEY line; the key's jobs belong to NAME"
     )
     keygen.set_defaults(run=_keygen)
+    secret = commands.add_parser(
+        "webhook-secret", help="print the secret that signs one API key's webhooks"
+    )
+    secret.add_argument("--config", default="configs/config.yaml")
+    secret.add_argument("--id", default=None, help="the key's NAME (else the key on stdin)")
+    secret.set_defaults(run=_webhook_secret)
     build = commands.add_parser("build", help="build the example feature store and model")
     build.add_argument("config", nargs="?", default="configs/config.yaml")
     build.add_argument("--force", action="store_true")

@@ -15,7 +15,10 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from loadtests import launch
+from serve_app.api.auth import parse_entry
+from serve_app.jobs.webhooks import owner_secret
 from tests.integration.conftest import (
+    API_KEY,
     APP_NAME,
     OTHER_KEY,
     WEBHOOK_SECRET,
@@ -31,8 +34,10 @@ pytestmark = pytest.mark.integration
 class Receiver:
     """A webhook receiver: a real HTTP server that verifies Standard Webhooks signatures."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, key: str = API_KEY) -> None:
         self.port = port
+        # each API key's webhooks are signed with that key's own secret
+        self.secret = owner_secret(WEBHOOK_SECRET, parse_entry(key).owner)
         self.url = f"http://127.0.0.1:{port}/hook"
         self.deliveries: list[dict[str, Any]] = []
         self.rejected = 0
@@ -45,7 +50,7 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 try:
-                    payload = Webhook(WEBHOOK_SECRET).verify(body, dict(self.headers.items()))
+                    payload = Webhook(receiver.secret).verify(body, dict(self.headers.items()))
                 except Exception:
                     receiver.rejected += 1
                     self.send_response(400)

@@ -14,11 +14,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from serve_app.config import JobsConfig
 from serve_app.deployments.job_worker import JobWorker
 from serve_app.jobs.sqlite import SQLiteJobQueue
 from serve_app.secret_files import new_webhook_secret
-from tests.unit.test_webhooks import drip, receiver
+from tests.unit.test_webhooks import answer, drip, receiver
 
 
 class _Worker(JobWorker.func_or_class):  # type: ignore[misc,name-defined]
@@ -100,3 +102,23 @@ def test_a_refused_address_is_recorded_as_an_attempt_and_dead(tmp_path: Path) ->
         1,
         "refused_address",
     )
+
+
+def test_a_webhook_is_signed_with_its_owners_secret(tmp_path: Path) -> None:
+    """Not the service's own secret, which every tenant would then need to verify theirs."""
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    from serve_app.jobs.webhooks import owner_secret
+
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    with receiver(answer(204)) as server:
+        config = JobsConfig(webhooks={"allowed_hosts": [f"127.0.0.1:{server.port}"]})
+        job_id = finished_job(queue, f"http://127.0.0.1:{server.port}/hook", lease_s=30)
+        instance = worker(queue, config)
+        asyncio.run(instance._send_webhook(job_id))
+    lines = server.requests[0].split("\r\n")[1:]
+    headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines)}
+    body = server.bodies[0]
+    Webhook(owner_secret(instance._secret, "o")).verify(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(instance._secret).verify(body, headers)

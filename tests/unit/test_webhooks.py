@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from standardwebhooks.webhooks import Webhook
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from serve_app.config import WebhookConfig
 from serve_app.errors import ConfigError, InvalidInput
@@ -205,6 +205,7 @@ class _Handler(socketserver.BaseRequestHandler):
         while len(rest) < length:
             rest += self.request.recv(65536)
         self.server.requests.append(head.decode())
+        self.server.bodies.append(rest.decode())
         with contextlib.suppress(OSError):  # the client hung up: what a capped reader does
             self.server.behaviour(self.request, self.server)
 
@@ -218,7 +219,8 @@ class _Server(socketserver.ThreadingTCPServer):
     ) -> None:
         super().__init__((host, port), _Handler)
         self.behaviour = behaviour
-        self.requests: list[str] = []
+        self.requests: list[str] = []  # heads
+        self.bodies: list[str] = []
         self.sent = 0
         self.port = self.server_address[1]
 
@@ -415,3 +417,38 @@ def test_a_look_up_that_says_try_again_is_a_503_at_submission_not_a_422(
     with pytest.raises(InvalidInput) as refused:
         create_job(raw, "alice", None, jobs, webhooks_configured=True)
     assert refused.value.status_code == 422
+
+
+# ---- one secret per API key ------------------------------------------------------------
+
+
+def test_each_owner_signs_with_its_own_secret_and_cannot_forge_anothers() -> None:
+    from serve_app.jobs.webhooks import check_secret, owner_secret
+
+    alice, bob = owner_secret(SECRET, "id:alice"), owner_secret(SECRET, "id:bob")
+    assert alice == owner_secret(SECRET, "id:alice") != bob  # derived, stable
+    assert SECRET not in (alice, bob) and alice != owner_secret(new_secret(), "id:alice")
+    check_secret(alice, "derived")  # a valid Standard Webhooks secret
+    body = '{"type":"job.succeeded"}'
+    forged = sign(bob, "msg_1", body)  # bob holds his own secret only
+    Webhook(bob).verify(body, forged)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(alice).verify(body, forged)  # alice's receiver refuses bob's signature
+
+
+def test_the_cli_prints_a_keys_webhook_secret(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    from serve_app.api.auth import parse_entry
+    from serve_app.jobs.webhooks import owner_secret
+    from serve_app.offline.cli import main
+
+    monkeypatch.setenv("SERVE_APP_WEBHOOK_SECRET", SECRET)
+    assert main(["webhook-secret", "--id", "alice"]) == 0
+    assert capsys.readouterr().out.strip() == owner_secret(SECRET, "id:alice")
+    key = "k" * 32
+    monkeypatch.setattr("sys.stdin", io.StringIO(key + "\n"))
+    assert main(["webhook-secret"]) == 0
+    assert capsys.readouterr().out.strip() == owner_secret(SECRET, parse_entry(key).owner)
