@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.errors import ConfigError
 from serve_app.net_policy import parse_host_rule
@@ -42,7 +42,10 @@ class StrictModel(BaseModel):
 
 
 class _Settings(StrictModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Settings: errors name the setting and the reason but never echo its value, which
+    may be a URL with a password (Serve's status and logs, tracebacks, show them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -87,6 +90,12 @@ def expand_env(url: str) -> str:
 
 
 def _resolve_url(url: str, base: Path) -> str:
+    """A relative SQLite path made absolute against ``base``, after ``${VAR}``: a file
+    path is no secret, and made absolute first, ``sqlite:///${DATA}/x.db`` became
+    ``BASE/${DATA}/x.db``. Other URLs keep their variables (passwords) for the replica."""
+    expanded = os.path.expandvars(url)
+    if expanded.startswith(SQLITE_PREFIX) and "${" not in expanded:
+        url = expanded
     path = sqlite_path(url)
     return url if path is None else SQLITE_PREFIX + str((base / path).resolve())
 
@@ -236,6 +245,12 @@ class WebhookConfig(_Settings):
         if any(not 1 <= port <= 65535 for port in ports):
             raise ValueError("ports are 1-65535")
         return ports
+
+    @model_validator(mode="after")
+    def _backoff_grows(self) -> WebhookConfig:
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise ValueError("backoff_initial_s is more than backoff_max_s")
+        return self
 
 
 class JobsConfig(_Settings):

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from serve_app.api.deps import Owner
-from serve_app.errors import Overloaded, TooManyRequests
+from serve_app.errors import InvalidInput, Overloaded, TooManyRequests
 
 
 class CreationSlots:
@@ -92,7 +92,15 @@ async def creation_slot(request: Request, owner: Owner) -> AsyncIterator[HeldSlo
 
 
 def check_backlog(backlog: int, new_items: int, limit: int) -> None:
-    """429 when ``new_items`` would take the key's queued items past ``limit``."""
+    """429 when ``new_items`` would take the key's queued items past ``limit``; 422 when
+    they are more than ``limit`` on their own (a retry would never help: the 429's
+    "retry later" was a promise this job could never see kept)."""
+    if new_items > limit:
+        raise InvalidInput(
+            f"this job has {new_items} valid items, more than this API key may have queued "
+            f"at all ({limit}): split it into smaller jobs",
+            [{"type": "job_larger_than_queue_quota", "limit": limit, "items": new_items}],
+        )
     if backlog + new_items > limit:
         raise TooManyRequests(
             f"this API key has {backlog} items waiting in the queue; {new_items} more would "

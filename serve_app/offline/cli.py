@@ -129,6 +129,8 @@ def _load_features(args: argparse.Namespace) -> int:
 
 
 def _k8s(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from serve_app.config import read_env_file
     from serve_app.errors import ConfigError
     from serve_app.offline.k8s import ManifestOptions, render_manifest
@@ -144,6 +146,9 @@ def _k8s(args: argparse.Namespace) -> int:
         text = render_manifest(Path(args.config), options)
     except ConfigError as exc:
         print(f"k8s: {exc.message}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # the app's args are invalid (values never echoed)
+        print(f"k8s: {args.config}: {exc}", file=sys.stderr)
         return 2
     if args.out == "-":
         print(text, end="")

@@ -169,3 +169,34 @@ def test_every_config_sanitises_the_request_id_at_the_edge(path: Path) -> None:
         target = env.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH")
         assert target == "serve_app.api.request_id:edge_middlewares", path.name
         assert callable(getattr(request_id, target.split(":")[1]))
+
+
+def test_a_settings_error_never_shows_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A malformed URL with a literal password went into pydantic's message, and from
+    there into Serve's status, the logs and `serve-app k8s`'s traceback."""
+    with pytest.raises(ValidationError) as caught:
+        AppConfig.model_validate({"jobs": {"queue_url": "mysql://u:hunter2@db/x"}})
+    assert "hunter2" not in str(caught.value) and "jobs" in str(caught.value)
+
+
+def test_backoff_must_not_start_above_its_cap() -> None:
+    with pytest.raises(ValidationError, match="backoff_initial_s"):
+        AppConfig.model_validate({"jobs": {"webhooks": {"backoff_initial_s": 600}}})
+
+
+def test_a_sqlite_path_is_expanded_before_it_is_made_absolute(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SERVE_APP_TEST_DATA", "/data")
+    monkeypatch.setenv("SERVE_APP_TEST_RELATIVE", "sqlite:///var/y.db")
+    monkeypatch.setenv("SERVE_APP_TEST_REDIS", "redis://:pw@redis:6379/0")
+    config = AppConfig.model_validate(
+        {
+            "store": {"url": "sqlite:///${SERVE_APP_TEST_DATA}/features.db"},
+            "jobs": {"queue_url": "${SERVE_APP_TEST_RELATIVE}"},
+            "prediction_cache": {"url": "${SERVE_APP_TEST_REDIS}"},
+        }
+    ).resolved(tmp_path)
+    assert config.store.url == "sqlite:////data/features.db"  # not BASE/${...}
+    assert config.jobs.queue_url == f"sqlite:///{tmp_path / 'var/y.db'}"  # made absolute
+    assert config.prediction_cache.url == "${SERVE_APP_TEST_REDIS}"  # a secret stays a name

@@ -58,3 +58,17 @@ def test_a_slot_handed_to_its_creation_stays_taken_until_the_creation_ends() -> 
         slots.acquire("bob")
 
     asyncio.run(scenario())
+
+
+def test_a_job_larger_than_the_whole_quota_is_a_422_not_a_retry_forever() -> None:
+    """With jobs.max_items above max_queued_items_per_key, such a job got 429 "retry
+    later" even with nothing queued: no retry could ever succeed."""
+    from serve_app.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as caught:
+        check_backlog(backlog=0, new_items=300_001, limit=300_000)
+    assert caught.value.status_code == 422
+    assert caught.value.details == [
+        {"type": "job_larger_than_queue_quota", "limit": 300_000, "items": 300_001}
+    ]
+    check_backlog(backlog=0, new_items=300_000, limit=300_000)  # exactly the quota fits
