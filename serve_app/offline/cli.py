@@ -5,6 +5,8 @@
   once, and create the webhook signing secret.
 * ``serve-app webhook-secret (--id NAME | < key)``: the secret that signs that key's
   webhooks (each key's own, derived from the service's secret): hand it out with the key.
+* ``serve-app run [CONFIG]``: ``serve run CONFIG`` with ``configs/serve.env`` set and
+  HAProxy's admin socket in a directory only this user can enter (``run.py``).
 * ``serve-app build [CONFIG] [--force]``: build the example store and model.
 * ``serve-app config-reference``: every setting with its default, as Markdown.
 * ``serve-app load-features --to redis://... --from FILE``: validate entity features
@@ -54,6 +56,18 @@ def _keygen(args: argparse.Namespace) -> int:
     if key is not None and args.id is not None and secret_file:
         print(f"its jobs' webhooks: `serve-app webhook-secret --id {args.id}`", file=sys.stderr)
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from serve_app.errors import ConfigError
+    from serve_app.offline.run import exec_serve_run
+
+    try:
+        exec_serve_run(args.config, Path(args.env_file))
+    except (ConfigError, OSError) as exc:
+        print(f"run: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    return 0  # not reached: exec_serve_run became `serve run`
 
 
 def _webhook_secret(args: argparse.Namespace) -> int:
@@ -168,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         "--id", default=None, help="add a NAME:KEY line; the key's jobs belong to NAME"
     )
     keygen.set_defaults(run=_keygen)
+    run = commands.add_parser(
+        "run", help="serve run CONFIG with configs/serve.env and HAProxy's files kept private"
+    )
+    run.add_argument("config", nargs="?", default="configs/config.yaml")
+    run.add_argument("--env-file", default="configs/serve.env")
+    run.set_defaults(run=_run)
     secret = commands.add_parser(
         "webhook-secret", help="print the secret that signs one API key's webhooks"
     )

@@ -1,4 +1,5 @@
-"""The README's way to start the service: `serve run` in throughput mode, then Ctrl-C.
+"""The README's way to start the service: `serve-app run` (serve.env, HAProxy's files
+kept private, then `serve run`) in throughput mode, then Ctrl-C.
 
 design.md records that `serve run` under HAProxy mode once hung on Ctrl-C and left its
 raylet behind. This starts the real command in its own session, calls it, sends SIGINT
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -18,13 +20,13 @@ import httpx
 import pytest
 import yaml
 
+from serve_app.offline.run import HAPROXY_FILES
 from tests.integration.conftest import (
     API_KEY,
     SERVE_ENV,
     free_port,
     load_test_config,
     pin_replicas,
-    serve_env_file,
     wait_ready,
 )
 
@@ -50,17 +52,20 @@ def test_serve_run_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> 
     config_path.write_text(yaml.safe_dump(config))
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env.update(SERVE_ENV)
-    env.update(serve_env_file())  # exactly what the README's run command sources
+    for name in HAPROXY_FILES:  # where `serve-app run` puts them is part of the test
+        env.pop(name, None)
     log_path = tmp_path / "serve_run.log"
-    serve_bin = Path(sys.executable).with_name("serve")
+    serve_app_bin = Path(sys.executable).with_name("serve-app")
+    # The README's command, as a shell's background job would start it: SIGINT ignored,
+    # which `serve-app run` restores before it becomes `serve run`
     process = subprocess.Popen(
-        [str(serve_bin), "run", str(config_path)],
+        [str(serve_app_bin), "run", str(config_path)],
         cwd=Path(__file__).resolve().parents[2],
         env=env,
         stdout=log_path.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own session: everything it starts can be found
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     sid = process.pid
     try:
@@ -76,6 +81,12 @@ def test_serve_run_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> 
             timeout=30,
         )
         assert answer.status_code == 200 and 0 <= answer.json()["score"] <= 1
+        # HAProxy's admin socket (mode 0666, level admin) sits where only we can go
+        private = Path("/tmp") / f"serve-app-{os.getuid()}"
+        sockets = list(private.glob("*/admin.sock"))  # Ray adds a directory per node
+        assert sockets and all(stat.S_ISSOCK(path.stat().st_mode) for path in sockets)
+        assert stat.S_IMODE(private.lstat().st_mode) == 0o700
+        assert private.lstat().st_uid == os.getuid()
         interrupted = time.monotonic()
         process.send_signal(signal.SIGINT)
         process.wait(timeout=90)

@@ -1,0 +1,87 @@
+"""``serve-app run CONFIG``: ``serve run CONFIG`` with the environment it needs.
+
+Ray Serve reads its throughput and HAProxy settings only from the environment of the
+process that starts Ray, so this sets ``configs/serve.env`` (as ``set -a; .
+configs/serve.env`` would) and then becomes ``serve run``. Two things a shell line
+could not do safely:
+
+* **HAProxy's private files.** Ray's template makes HAProxy's admin socket mode 0666 at
+  level ``admin``, in ``/tmp/haproxy-serve/`` by default: a directory any local user can
+  enter (or create first). Whoever reaches that socket can point a backend at a port of
+  theirs and read API traffic, bearer keys included. Unless the environment already
+  names them, the socket, config and state files go into a directory of this user's,
+  mode 0700, which is refused if someone else owns it, it is a symlink, or others can
+  enter it. Short on purpose: Ray appends a 56-character node id and HAProxy refuses
+  socket paths over 97 characters.
+* **Ctrl-C.** A process started in the background of a non-interactive shell ignores
+  SIGINT, and ``serve run`` would inherit that: SIGINT is restored before the exec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import stat
+import sys
+from pathlib import Path
+
+from serve_app.config import read_env_file
+from serve_app.errors import ConfigError
+
+# Ray's variables for HAProxy's files, and the name of each file in the private directory
+# ("" for the directory itself).
+HAPROXY_FILES = {
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+}
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only this user can enter: made 0700 when missing, refused
+    when it is a symlink, belongs to someone else or lets others in."""
+    with contextlib.suppress(FileExistsError):  # checked below, whoever made it
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{path} is not a directory (a symlink?): remove it and start again")
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"{path} belongs to uid {info.st_uid}, not to you: remove it")
+    if info.st_mode & 0o077:
+        raise ConfigError(
+            f"{path} is open to other users (mode {stat.S_IMODE(info.st_mode):o}): chmod 700"
+        )
+    return path
+
+
+def run_environment(env_file: Path, base: dict[str, str], haproxy_dir: Path) -> dict[str, str]:
+    """``base`` with ``env_file``'s variables set, and HAProxy's files in ``haproxy_dir``
+    (made private) unless one of them is already named."""
+    env = {**base, **read_env_file(env_file)}
+    if not any(name in env for name in HAPROXY_FILES):
+        directory = private_dir(haproxy_dir)
+        for name, file_name in HAPROXY_FILES.items():
+            env[name] = str(directory / file_name) if file_name else str(directory)
+    return env
+
+
+def serve_command(config: str) -> list[str]:
+    """``serve run CONFIG``, with the ``serve`` of this Python's environment first."""
+    beside = Path(sys.executable).with_name("serve")
+    serve = str(beside) if beside.exists() else shutil.which("serve")
+    if serve is None:
+        raise ConfigError("`serve` (Ray Serve's command) is not installed here")
+    return [serve, "run", config]
+
+
+def exec_serve_run(config: str, env_file: Path) -> None:
+    """Replace this process by ``serve run`` (never returns)."""
+    haproxy_dir = Path("/tmp") / f"serve-app-{os.getuid()}"
+    env = run_environment(env_file, dict(os.environ), haproxy_dir)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # kept across exec, unlike a handler
+    command = serve_command(config)
+    os.execve(command[0], command, env)
