@@ -441,19 +441,24 @@ class Ingress:
         offset: Annotated[int, Query(ge=0, le=MAX_RESULT_OFFSET)] = 0,
         limit: Annotated[int | None, Query(ge=1, le=MAX_RESULT_LIMIT)] = None,
     ) -> dict[str, Any]:
-        """State, progress, webhook delivery; the results (paged) once the job is done."""
+        """State, progress, webhook delivery; the results (paged) once the job has ended.
+
+        A failed or cancelled job shows the items it scored before it ended (their
+        indexes may have gaps): scoring them again would cost the caller a resubmission.
+        ``next_offset`` is the index after the page's last, or None at the end.
+        """
         queue = self._job_queue()
         job = await asyncio.to_thread(queue.get, job_id, owner)
         if job is None:
             raise NotFound(f"no job {job_id!r} for this API key")
         answer = job.public()
-        if job.state == "succeeded":
+        if job.state in ("succeeded", "failed", "cancelled"):
             page_max = self._config.jobs.results_page_max
             page = min(limit or page_max, page_max)
             results = await asyncio.to_thread(queue.results, job.id, offset, page)
             answer["results"] = results
-            end = offset + len(results)
-            answer["next_offset"] = end if end < job.total else None
+            after = results[-1]["index"] + 1 if len(results) == page else job.total
+            answer["next_offset"] = after if after < job.total else None
         return answer
 
     @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], responses=_ERRORS)

@@ -252,6 +252,10 @@ def test_cancel_a_running_job(serve_app: ServeApp) -> None:
     after = serve_app.client.get(f"/v1/jobs/{job['id']}").json()
     assert after["state"] == "cancelled"
     assert after["progress"]["done"] == at_cancel < 30_000
+    # what it scored before the cancel is kept and shown, not scored again on resubmission
+    shown = all_results(serve_app, job["id"])
+    assert len(shown) == at_cancel and all("score" in r for r in shown)
+    assert [r["index"] for r in shown] == sorted({r["index"] for r in shown})
 
 
 def worker_pid(app: ServeApp) -> int:
