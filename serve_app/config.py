@@ -18,6 +18,7 @@ the app states them (a test keeps ``docker.yaml`` equal to ``config.yaml`` there
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +78,9 @@ def check_url(url: str, schemes: tuple[str, ...], what: str) -> str:
     return url
 
 
+_ENV_NAME = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
 def expand_env(url: str) -> str:
     """``${VAR}`` in a URL comes from the environment: passwords never sit in a YAML.
 
@@ -84,8 +88,9 @@ def expand_env(url: str) -> str:
     the deployment's arguments; validation (:func:`check_url`) only checks the scheme.
     """
     expanded = os.path.expandvars(url)
-    if "${" in expanded:
-        raise ValueError(f"unset environment variable in url {url!r}")
+    if "${" in expanded:  # named, never the URL: the rest of it may hold a password
+        unset = sorted(set(_ENV_NAME.findall(expanded)))
+        raise ValueError(f"unset environment variable(s) in a url: {', '.join(unset)}")
     return expanded
 
 
@@ -213,6 +218,12 @@ class WebhookConfig(_Settings):
     secret_file: str | None = Field(
         ".secrets/webhook_secret", description="`serve-app keygen` creates it."
     )
+    secret_per_key: bool = Field(
+        True,
+        description="Sign each API key's webhooks with that key's own secret (`serve-app "
+        "webhook-secret`), so one tenant cannot forge another's. false: every webhook "
+        "with the service's secret, as before: for receivers not yet given theirs.",
+    )
     allowed_hosts: tuple[str, ...] = Field(
         (),
         description="Hosts allowed although not public, each with its port: HOST:PORT "
@@ -301,6 +312,13 @@ class JobsConfig(_Settings):
         description="Items the feature store could not serve (store.on_error: fail) are "
         "not stored as failed: the worker waits, doubling from 1 s up to this, and scores "
         "them again; the job waits out the outage instead of reporting it per item.",
+    )
+    store_wait_total_s: float = Field(
+        600.0,
+        ge=0,
+        description="How long one job waits out such an outage in all; then its unserved "
+        "items are stored as failed (store_unavailable) and it goes on, so a store down "
+        "for good, or one corrupt row that fails every look-up it is in, ends the job.",
     )
     poll_interval_s: float = Field(0.2, gt=0)
     result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="Then results are purged.")

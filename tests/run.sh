@@ -31,12 +31,15 @@ if [ ${#need[@]} -gt 0 ]; then
   policy=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     policy=/usr/sbin/policy-rc.d
+    # removed however the install ends: left behind, no service would ever start again
+    trap '$SUDO rm -f "$policy"' EXIT
+    trap '$SUDO rm -f "$policy"; exit 130' INT TERM
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy"
   fi
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive \
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   installed=$?
-  [ -z "$policy" ] || $SUDO rm -f "$policy"
+  [ -z "$policy" ] || { $SUDO rm -f "$policy"; trap - EXIT INT TERM; }
   [ $installed = 0 ] || { echo "FAIL: could not install ${need[*]}" >&2; exit 1; }
 fi
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \

@@ -207,11 +207,12 @@ class JobCreator:
                 [{"type": "job_workers_busy", "limit": WORKER_PROCESSES}],
             )
         self._in_processes += 1
+        pool = self._processes()
         try:
-            work = asyncio.get_running_loop().run_in_executor(self._processes(), create_job, *args)
+            work = asyncio.get_running_loop().run_in_executor(pool, create_job, *args)
         except BrokenProcessPool as broken:
             self._in_processes -= 1
-            raise self._lost(broken) from broken
+            raise self._lost(pool, broken) from broken
         except BaseException:
             self._in_processes -= 1
             raise
@@ -222,13 +223,14 @@ class JobCreator:
         try:
             return await asyncio.shield(work)
         except BrokenProcessPool as broken:
-            raise self._lost(broken) from broken
+            raise self._lost(pool, broken) from broken
 
-    def _lost(self, broken: BrokenProcessPool) -> JobWorkerLost:
+    def _lost(self, pool: ProcessPoolExecutor, broken: BrokenProcessPool) -> JobWorkerLost:
         """A dead worker breaks a ``ProcessPoolExecutor`` for good: drop it, so the next
-        large body gets a fresh pool instead of the same error until the replica restarts."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        large body gets a fresh pool instead of the same error until the replica restarts.
+        Only that pool: a caller that wakes late must not stop the fresh one."""
+        pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is pool:
             self._pool = None
         return JobWorkerLost(
             "the process parsing this job's body died; send it again (with the same "

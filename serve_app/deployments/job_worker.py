@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 import uuid
 from typing import Any
@@ -34,6 +35,7 @@ from serve_app.config import JobsConfig, JobWorkerTuning
 from serve_app.errors import InvalidInput
 from serve_app.jobs import Job, JobQueue, open_job_queue
 from serve_app.jobs.webhooks import (
+    LOOKUPS_BUSY,
     Attempt,
     backoff_s,
     deliver,
@@ -228,11 +230,15 @@ class JobWorker:
     async def _run_job(self, job: Job) -> None:
         config = self._config
         outage = 0  # chunks in a row that the feature store could not serve whole
+        waited = 0.0  # seconds this job has waited for the store, in all
         while True:
             pending = await asyncio.to_thread(self._queue.pending_items, job.id, config.chunk_size)
             if not pending:
                 break
-            results, unserved = _without_store_outage(await self._score_stored(pending))
+            results = await self._score_stored(pending)
+            unserved = 0
+            if waited < config.store_wait_total_s:  # past it, the failures are stored
+                results, unserved = _without_store_outage(results)
             kept = await asyncio.to_thread(
                 self._queue.save_results, job.id, self._worker, config.lease_s, results
             )
@@ -242,7 +248,8 @@ class JobWorker:
             self._metrics.record_items(result for _, result in results)
             outage = outage + 1 if unserved else 0
             if unserved:  # results are stored once: an outage must not become them
-                wait = min(config.store_wait_max_s, 2.0 ** (outage - 1))
+                wait = min(config.store_wait_max_s, 2.0 ** min(outage - 1, 16))
+                wait = min(wait, config.store_wait_total_s - waited)
                 logger.warning(
                     "job %s: the feature store could not serve %d items; again in %.0f s",
                     job.id,
@@ -250,6 +257,7 @@ class JobWorker:
                     wait,
                 )
                 await asyncio.sleep(wait)
+                waited += wait
         await self._finish(job, "succeeded", None)
 
     async def _score_stored(self, pending: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
@@ -335,11 +343,16 @@ class JobWorker:
         else:
             try:
                 body = json.dumps(event_body(job.public()), separators=(",", ":"))
-                secret = owner_secret(self._secret, job.owner)  # never another's
+                secret = self._secret
+                if config.secret_per_key:  # each key's own: one tenant cannot forge another's
+                    secret = owner_secret(secret, job.owner)
                 attempt = await deliver(job.callback_url, secret, f"msg_{job.id}", body, config)
             except Exception:  # deliver() classifies its own failures; this is a bug guard
                 logger.exception("job %s: webhook attempt failed unexpectedly", job.id)
                 attempt = Attempt(False, True, "internal_error")
+        if attempt.error == LOOKUPS_BUSY:  # our own look-up threads were full: not counted
+            await self._postpone_webhook(job, attempts)
+            return
         if attempt.delivered:
             state = "delivered"
         elif attempt.retryable and attempts < config.max_attempts:
@@ -348,6 +361,20 @@ class JobWorker:
             state = "dead"
         self._metrics.webhooks.inc(tags={"outcome": "retrying" if state == "pending" else state})
         await self._record_webhook(job, state, attempts, attempt.error)
+
+    async def _postpone_webhook(self, job: Job, attempts: int) -> None:
+        """Give the attempt back and try again in 1-3 s: a tenant whose name server hangs
+        must not use up other tenants' attempts (they were refused at once, counted, and
+        dead after max_attempts within two minutes)."""
+        await asyncio.to_thread(
+            self._queue.record_webhook,
+            job.id,
+            "pending",
+            job.webhook_attempts,
+            time.time() + 1.0 + 2.0 * random.random(),
+            job.webhook_last_error,
+            attempts,
+        )
 
     async def _record_webhook(self, job: Job, state: str, attempts: int, error: str | None) -> None:
         next_at = (

@@ -192,10 +192,15 @@ class _Lookups:
 _LOOKUPS = _Lookups()
 
 
-def _temporarily_unresolved(host: str, why: str) -> CallbackRefused:
+# The category of a delivery refused because this replica's look-up threads were all
+# taken (by other callbacks' hung look-ups): not the receiver's fault, so not an attempt.
+LOOKUPS_BUSY = "dns_busy"
+
+
+def _temporarily_unresolved(host: str, why: str, category: str = "dns_error") -> CallbackRefused:
     return CallbackRefused(
         f"callback_url host {host!r} could not be looked up now ({why}): retry later",
-        "dns_error",
+        category,
         retryable=True,
         detail_type="callback_dns_unavailable",
         temporary=True,
@@ -206,7 +211,7 @@ def lookup(host: str, resolver: Resolver) -> Sequence[str]:
     """``resolver(host)``, on the look-up pool, waited for at most :data:`DNS_TIMEOUT_S`."""
     future = _LOOKUPS.start(resolver, host)
     if future is None:
-        raise _temporarily_unresolved(host, "every look-up thread is busy")
+        raise _temporarily_unresolved(host, "every look-up thread is busy", LOOKUPS_BUSY)
     try:
         return future.result(timeout=DNS_TIMEOUT_S)
     except TimeoutError as exc:  # the thread goes on; its slot frees when it ends

@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _webhook_secret(args: argparse.Namespace) -> int:
     """Print the secret that signs one API key's webhooks (hand it out with the key)."""
-    from serve_app.api.auth import KeyEntry
+    from serve_app.api.auth import KEY_ID, KeyEntry, parse_entry
     from serve_app.config import load_app_config
     from serve_app.errors import ConfigError
     from serve_app.jobs.webhooks import owner_secret, read_secret
@@ -87,13 +87,16 @@ def _webhook_secret(args: argparse.Namespace) -> int:
         print("webhook-secret: no signing secret is configured", file=sys.stderr)
         return 2
     if args.id is not None:
+        if not KEY_ID.match(args.id):
+            print("webhook-secret: --id: 1-64 letters, digits, '_', '.' or '-'", file=sys.stderr)
+            return 2
         owner = KeyEntry("-", args.id).owner
-    else:  # a key without an id: its owner is a digest of the key, read from stdin
+    else:  # the key (or its NAME:KEY line from the key file) on stdin
         presented = sys.stdin.readline().strip()
         if not presented:
             print("webhook-secret: pass --id NAME, or the key on stdin", file=sys.stderr)
             return 2
-        owner = KeyEntry(presented).owner
+        owner = parse_entry(presented).owner
     print(owner_secret(master, owner))
     return 0
 

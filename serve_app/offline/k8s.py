@@ -138,10 +138,11 @@ def refuse_node_local(serve_config: dict[str, Any]) -> None:
         if config.jobs.enabled:
             urls["jobs.queue_url"] = config.jobs.queue_url
         for name, url in urls.items():
-            if url.startswith("sqlite:"):
+            if url.startswith("sqlite:") and not config.allow_sqlite_on_cluster:
                 raise ConfigError(
                     f"{name} is a SQLite file ({url}), which each pod would have apart: "
-                    "use Redis or PostgreSQL, as configs/cluster.yaml does"
+                    "use Redis or PostgreSQL, as configs/cluster.yaml does (or set "
+                    "allow_sqlite_on_cluster: true if every pod mounts the same file)"
                 )
     host = (serve_config.get("http_options") or {}).get("host", "127.0.0.1")
     if host != "0.0.0.0":

@@ -9,9 +9,9 @@ could not do safely:
   level ``admin``, in ``/tmp/haproxy-serve/`` by default: a directory any local user can
   enter (or create first). Whoever reaches that socket can point a backend at a port of
   theirs and read API traffic, bearer keys included. Unless the environment already
-  names them, the socket, config and state files go into a directory of this user's,
-  mode 0700, which is refused if someone else owns it, it is a symlink, or others can
-  enter it. Short on purpose: Ray appends a 56-character node id and HAProxy refuses
+  names them, the socket, config and state files go into a directory of this user's
+  (``$XDG_RUNTIME_DIR/serve-app``, else ``/tmp/serve-app-$UID``), mode 0700, which is
+  refused if someone else owns it, it is a symlink, or others can enter it. Short on purpose: Ray appends a 56-character node id and HAProxy refuses
   socket paths over 97 characters.
 * **Ctrl-C.** A process started in the background of a non-interactive shell ignores
   SIGINT, and ``serve run`` would inherit that: SIGINT is restored before the exec.
@@ -59,14 +59,26 @@ def private_dir(path: Path) -> Path:
 
 
 def run_environment(env_file: Path, base: dict[str, str], haproxy_dir: Path) -> dict[str, str]:
-    """``base`` with ``env_file``'s variables set, and HAProxy's files in ``haproxy_dir``
-    (made private) unless one of them is already named."""
+    """``base`` with ``env_file``'s variables set, and each of HAProxy's files that is not
+    named already in ``haproxy_dir`` (made private): naming one must not send the admin
+    socket back to Ray's shared default."""
     env = {**base, **read_env_file(env_file)}
-    if not any(name in env for name in HAPROXY_FILES):
+    unnamed = [name for name in HAPROXY_FILES if name not in env]
+    if unnamed:
         directory = private_dir(haproxy_dir)
-        for name, file_name in HAPROXY_FILES.items():
+        for name in unnamed:
+            file_name = HAPROXY_FILES[name]
             env[name] = str(directory / file_name) if file_name else str(directory)
     return env
+
+
+def default_haproxy_dir(env: dict[str, str]) -> Path:
+    """``$XDG_RUNTIME_DIR/serve-app`` where the login session has one (no other user can
+    create it first), else ``/tmp/serve-app-$UID``. Both short: see the module docstring."""
+    runtime = env.get("XDG_RUNTIME_DIR", "")
+    if runtime and Path(runtime).is_dir() and len(runtime) <= 24:
+        return Path(runtime) / "serve-app"
+    return Path("/tmp") / f"serve-app-{os.getuid()}"
 
 
 def serve_command(config: str) -> list[str]:
@@ -80,8 +92,7 @@ def serve_command(config: str) -> list[str]:
 
 def exec_serve_run(config: str, env_file: Path) -> None:
     """Replace this process by ``serve run`` (never returns)."""
-    haproxy_dir = Path("/tmp") / f"serve-app-{os.getuid()}"
-    env = run_environment(env_file, dict(os.environ), haproxy_dir)
+    env = run_environment(env_file, dict(os.environ), default_haproxy_dir(dict(os.environ)))
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # kept across exec, unlike a handler
     command = serve_command(config)
     os.execve(command[0], command, env)

@@ -200,3 +200,11 @@ def test_a_sqlite_path_is_expanded_before_it_is_made_absolute(
     assert config.store.url == "sqlite:////data/features.db"  # not BASE/${...}
     assert config.jobs.queue_url == f"sqlite:///{tmp_path / 'var/y.db'}"  # made absolute
     assert config.prediction_cache.url == "${SERVE_APP_TEST_REDIS}"  # a secret stays a name
+
+
+def test_an_unset_variable_is_named_without_the_rest_of_the_url() -> None:
+    from serve_app.config import expand_env
+
+    with pytest.raises(ValueError, match="SERVE_APP_TEST_UNSET") as caught:
+        expand_env("postgresql://u:hunter2@${SERVE_APP_TEST_UNSET}/db")
+    assert "hunter2" not in str(caught.value)

@@ -330,3 +330,36 @@ def test_a_store_outage_is_waited_out_not_stored_as_failed_items(tmp_path: Path)
     assert final is not None and final.state == "succeeded"
     assert (final.done, final.failed, final.claims) == (3, 0, 1)
     assert [r["ok"] for r in queue.results(job.id, 0, 10)] == [True, True, True]
+
+
+class _StoreDownModel(_Model):
+    """A Model whose feature store (on_error: fail) never answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def _score(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        self.calls += 1
+        down = {"error": {"code": "store_unavailable", "message": "feature store down"}}
+        return {"results": [down for _ in items]}
+
+
+def test_a_store_down_for_good_ends_the_job_after_its_wait_budget(tmp_path: Path) -> None:
+    """Waiting without a bound held the job (its worker slot and its key's quota) for
+    as long as the store was down, or for ever behind one corrupt row."""
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    items = [{"entity_id": e, "context": {}} for e in ("E1", "E2", "E3")]
+    job, _ = queue.create("o", items, {}, None, None, "h")
+    claimed = queue.claim("w1", 30)
+    assert claimed is not None
+    worker = _worker(queue)
+    worker._model = _StoreDownModel()
+    worker._config = JobsConfig(chunk_size=2, store_wait_max_s=0.02, store_wait_total_s=0.1)
+    asyncio.run(asyncio.wait_for(worker._run_job(claimed), 30))
+    final = queue.get(job.id, "o")
+    assert final is not None and final.state == "succeeded"
+    assert (final.done, final.failed) == (3, 3)
+    stored = queue.results(job.id, 0, 10)
+    assert {r["error"]["code"] for r in stored} == {"store_unavailable"}
+    assert worker._model.calls >= 4  # it did wait and retry before giving up

@@ -169,3 +169,13 @@ def test_a_loopback_host_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtur
     path.write_text(yaml.safe_dump(config))
     assert main(["k8s", "--config", str(path), "--out", str(tmp_path / "out.yaml")]) == 2
     assert "0.0.0.0" in capsys.readouterr().err
+
+
+def test_sqlite_is_allowed_when_the_config_says_every_pod_shares_it(tmp_path: Path) -> None:
+    config = yaml.safe_load(CLUSTER.read_text())
+    args = config["applications"][0]["args"]
+    args["store"] = {"url": "sqlite:////app/var/features.db"}  # baked into the image
+    args["allow_sqlite_on_cluster"] = True
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["k8s", "--config", str(path), "--out", str(tmp_path / "out.yaml")]) == 0

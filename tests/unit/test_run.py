@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from serve_app.errors import ConfigError
-from serve_app.offline.run import HAPROXY_FILES, private_dir, run_environment
+from serve_app.offline.run import (
+    HAPROXY_FILES,
+    default_haproxy_dir,
+    private_dir,
+    run_environment,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_ENV = ROOT / "configs" / "serve.env"
@@ -24,11 +30,26 @@ def test_serve_env_is_set_and_haproxys_files_go_to_a_private_directory(tmp_path:
     assert stat.S_IMODE((tmp_path / "h").stat().st_mode) == 0o700
 
 
-def test_files_the_operator_placed_are_kept(tmp_path: Path) -> None:
-    placed = {"RAY_SERVE_HAPROXY_SOCKET_PATH": "/srv/h/admin.sock"}
+def test_files_the_operator_placed_are_kept_and_the_others_stay_private(tmp_path: Path) -> None:
+    placed = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "/srv/h/haproxy.cfg"}
     env = run_environment(SERVE_ENV, placed, tmp_path / "h")
-    assert env["RAY_SERVE_HAPROXY_SOCKET_PATH"] == "/srv/h/admin.sock"
-    assert "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" not in env and not (tmp_path / "h").exists()
+    assert env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == "/srv/h/haproxy.cfg"
+    # naming one file must not send the admin socket back to Ray's shared default
+    assert env["RAY_SERVE_HAPROXY_SOCKET_PATH"] == str(tmp_path / "h" / "admin.sock")
+    every = {name: f"/srv/h/{name}" for name in HAPROXY_FILES}
+    assert run_environment(SERVE_ENV, every, tmp_path / "g").items() >= every.items()
+    assert not (tmp_path / "g").exists()
+
+
+def test_the_login_sessions_runtime_directory_is_preferred(tmp_path: Path) -> None:
+    runtime = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short, as /run/user/N is
+    try:
+        assert default_haproxy_dir({"XDG_RUNTIME_DIR": str(runtime)}) == runtime / "serve-app"
+    finally:
+        runtime.rmdir()
+    fallback = Path("/tmp") / f"serve-app-{os.getuid()}"
+    assert default_haproxy_dir({}) == fallback
+    assert default_haproxy_dir({"XDG_RUNTIME_DIR": str(tmp_path)}) == fallback  # too long
 
 
 def test_a_directory_others_can_enter_is_refused(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -122,3 +123,44 @@ def test_a_webhook_is_signed_with_its_owners_secret(tmp_path: Path) -> None:
     Webhook(owner_secret(instance._secret, "o")).verify(body, headers)
     with pytest.raises(WebhookVerificationError):
         Webhook(instance._secret).verify(body, headers)
+
+
+def test_secret_per_key_false_signs_with_the_services_secret(tmp_path: Path) -> None:
+    """The way back for receivers that have not been given their key's secret yet."""
+    from standardwebhooks.webhooks import Webhook
+
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    with receiver(answer(204)) as server:
+        hooks = {"allowed_hosts": [f"127.0.0.1:{server.port}"], "secret_per_key": False}
+        job_id = finished_job(queue, f"http://127.0.0.1:{server.port}/hook", lease_s=30)
+        instance = worker(queue, JobsConfig(webhooks=hooks))
+        asyncio.run(instance._send_webhook(job_id))
+    lines = server.requests[0].split("\r\n")[1:]
+    headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines)}
+    Webhook(instance._secret).verify(server.bodies[0], headers)
+
+
+def test_a_delivery_refused_by_our_own_full_look_up_pool_is_not_an_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another tenant's hung name server filled the pool: this webhook's attempts were
+    used up by instant refusals, dead within two minutes."""
+    from serve_app.jobs import webhooks
+
+    monkeypatch.setattr(webhooks._LOOKUPS, "start", lambda resolver, host: None)  # all busy
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    job_id = finished_job(queue, "https://hooks.example.com/x", lease_s=30)
+    before = time.time()
+    asyncio.run(worker(queue, JobsConfig())._send_webhook(job_id))
+    job = queue.get_any(job_id)
+    assert job is not None
+    assert (job.webhook_state, job.webhook_attempts, job.webhook_last_error) == (
+        "pending",
+        0,
+        None,
+    )
+    with sqlite3.connect(queue.path) as db:
+        (next_at,) = db.execute(
+            "SELECT webhook_next_at FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+    assert before + 1 <= next_at <= time.time() + 3  # soon, not after a backoff
