@@ -299,67 +299,58 @@ def test_a_failed_claim_gives_its_job_slot_back(
 
 
 class _OutageModel(_Model):
-    """A Model whose feature store (on_error: fail) is down for the first two calls."""
+    """A Model whose feature store (on_error: fail) is down for its first ``down_calls``
+    calls (None: for good)."""
 
-    def __init__(self) -> None:
+    def __init__(self, down_calls: int | None) -> None:
         super().__init__()
+        self.down_calls = down_calls
         self.calls = 0
 
     async def _score(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         self.calls += 1
-        if self.calls <= 2:
+        if self.down_calls is None or self.calls <= self.down_calls:
             down = {"error": {"code": "store_unavailable", "message": "feature store down"}}
             return {"results": [down for _ in items]}
         return await super()._score(items)
 
 
-def test_a_store_outage_is_waited_out_not_stored_as_failed_items(tmp_path: Path) -> None:
-    """A live request gets a 503 during an outage; a job used to store the failure as the
-    item's result for good (results are stored once) and report "succeeded"."""
+def _run_through_outage(tmp_path: Path, model: _OutageModel, config: JobsConfig) -> Any:
+    """A job of three items run by a worker with ``model``; the job when it has ended."""
     queue = SQLiteJobQueue(tmp_path / "jobs.db")
     items = [{"entity_id": e, "context": {}} for e in ("E1", "E2", "E3")]
     job, _ = queue.create("o", items, {}, None, None, "h")
     claimed = queue.claim("w1", 30)
     assert claimed is not None
     worker = _worker(queue)
-    worker._model = _OutageModel()
-    worker._config = JobsConfig(chunk_size=2, store_wait_max_s=0.05)
-    asyncio.run(worker._run_job(claimed))
-    assert worker._model.calls == 4  # twice refused, then both chunks scored
+    worker._model = model
+    worker._config = config
+    asyncio.run(asyncio.wait_for(worker._run_job(claimed), 30))
     final = queue.get(job.id, "o")
-    assert final is not None and final.state == "succeeded"
+    assert final is not None
+    return final, queue.results(job.id, 0, 10)
+
+
+def test_a_store_outage_is_waited_out_not_stored_as_failed_items(tmp_path: Path) -> None:
+    """A live request gets a 503 during an outage; a job used to store the failure as the
+    item's result for good (results are stored once) and report "succeeded"."""
+    model = _OutageModel(down_calls=2)
+    final, stored = _run_through_outage(
+        tmp_path, model, JobsConfig(chunk_size=2, store_wait_max_s=0.05)
+    )
+    assert model.calls == 4  # twice refused, then both chunks scored
+    assert final.state == "succeeded"
     assert (final.done, final.failed, final.claims) == (3, 0, 1)
-    assert [r["ok"] for r in queue.results(job.id, 0, 10)] == [True, True, True]
-
-
-class _StoreDownModel(_Model):
-    """A Model whose feature store (on_error: fail) never answers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    async def _score(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        self.calls += 1
-        down = {"error": {"code": "store_unavailable", "message": "feature store down"}}
-        return {"results": [down for _ in items]}
+    assert [r["ok"] for r in stored] == [True, True, True]
 
 
 def test_a_store_down_for_good_ends_the_job_after_its_wait_budget(tmp_path: Path) -> None:
     """Waiting without a bound held the job (its worker slot and its key's quota) for
     as long as the store was down, or for ever behind one corrupt row."""
-    queue = SQLiteJobQueue(tmp_path / "jobs.db")
-    items = [{"entity_id": e, "context": {}} for e in ("E1", "E2", "E3")]
-    job, _ = queue.create("o", items, {}, None, None, "h")
-    claimed = queue.claim("w1", 30)
-    assert claimed is not None
-    worker = _worker(queue)
-    worker._model = _StoreDownModel()
-    worker._config = JobsConfig(chunk_size=2, store_wait_max_s=0.02, store_wait_total_s=0.1)
-    asyncio.run(asyncio.wait_for(worker._run_job(claimed), 30))
-    final = queue.get(job.id, "o")
-    assert final is not None and final.state == "succeeded"
+    model = _OutageModel(down_calls=None)
+    config = JobsConfig(chunk_size=2, store_wait_max_s=0.02, store_wait_total_s=0.1)
+    final, stored = _run_through_outage(tmp_path, model, config)
+    assert final.state == "succeeded"
     assert (final.done, final.failed) == (3, 3)
-    stored = queue.results(job.id, 0, 10)
     assert {r["error"]["code"] for r in stored} == {"store_unavailable"}
-    assert worker._model.calls >= 4  # it did wait and retry before giving up
+    assert model.calls >= 4  # it did wait and retry before giving up
