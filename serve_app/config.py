@@ -141,7 +141,11 @@ class StoreConfig(_Settings):
     timeout_s: float = Field(0.5, gt=0, le=30, description="Per look-up attempt.")
     attempts: int = Field(2, ge=1, le=5)
     on_error: Literal["degrade", "fail"] = Field(
-        "degrade", description="degrade: score on defaults, marked degraded; fail: 503."
+        "degrade",
+        description="degrade: score on defaults, marked degraded; fail: 503. The same for "
+        "one entity whose stored row is corrupt (no flat JSON object): degrade scores it on "
+        "defaults, fail gives that item alone 502 feature_row_invalid; its batch-mates are "
+        "scored.",
     )
 
     @field_validator("url")
@@ -318,7 +322,7 @@ class JobsConfig(_Settings):
         ge=0,
         description="How long one job waits out such an outage in all; then its unserved "
         "items are stored as failed (store_unavailable) and it goes on, so a store down "
-        "for good, or one corrupt row that fails every look-up it is in, ends the job.",
+        "for good ends the job.",
     )
     poll_interval_s: float = Field(0.2, gt=0)
     result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="Then results are purged.")

@@ -14,6 +14,7 @@
     │   └── Conflict            409
     └── ServiceError            ours or a dependency's -> 5xx, with Retry-After
         ├── StoreUnavailable    503, the feature store failed and fallback is off
+        ├── FeatureRowInvalid   502, the store's row of this entity is corrupt (fallback off)
         ├── Overloaded          503, a deployment is saturated or timed out
         ├── QueueBusy           503, the job queue's database is locked; retry shortly
         ├── JobWorkerLost       503, the process parsing a large job body died
@@ -111,6 +112,16 @@ class StoreUnavailable(ServiceError):
     code = "store_unavailable"
 
 
+class FeatureRowInvalid(ServiceError):
+    """The feature store answered, but this entity's row is no flat object (someone else
+    wrote it): a bad answer from upstream, hence 502; retrying helps only once the row is
+    fixed and the cached copy expires."""
+
+    status_code = 502
+    code = "feature_row_invalid"
+    retry_after_s = 60
+
+
 class Overloaded(ServiceError):
     code = "overloaded"
 
@@ -163,4 +174,6 @@ def error_for_item(error: dict[str, Any]) -> ServeAppError:
         return UnknownEntity(message)
     if code == "store_unavailable":
         return StoreUnavailable(message)
+    if code == "feature_row_invalid":
+        return FeatureRowInvalid(message)
     return ServiceError(message)

@@ -27,7 +27,7 @@ from serve_app.config import FetcherTuning, StoreConfig
 from serve_app.errors import StoreUnavailable
 from serve_app.known_ids import KnownIds, can_list_ids
 from serve_app.known_ids import refresh as refresh_known_ids
-from serve_app.stores import FeatureLookup, FeatureRow, open_store
+from serve_app.stores import CorruptRow, FeatureLookup, StoredRow, open_store
 from serve_app.stores.client import StoreClient
 
 logger = logging.getLogger("serve_app.fetcher")
@@ -51,7 +51,7 @@ class LookupMetrics(Protocol):
     lookup_seconds: _Observe
 
 
-def feature_cache(tuning: FetcherTuning) -> SingleFlightCache[str, FeatureRow]:
+def feature_cache(tuning: FetcherTuning) -> SingleFlightCache[str, StoredRow]:
     return SingleFlightCache(
         maxsize=tuning.cache_maxsize, ttl_s=tuning.cache_ttl_s, enabled=tuning.cache_enabled
     )
@@ -71,6 +71,7 @@ class FeatureSource:
         self.cache = feature_cache(tuning)
         self._metrics = metrics
         self._failures = 0
+        self._corrupt = 0
         self._known = KnownIds()
         self._known_task: asyncio.Task[None] | None = None
 
@@ -114,7 +115,7 @@ class FeatureSource:
             await refresh_known_ids(self._known, self.config.url)
             await asyncio.sleep(self.tuning.known_ids_refresh_s)
 
-    async def _load(self, entity_ids: list[str]) -> dict[str, FeatureRow]:
+    async def _load(self, entity_ids: list[str]) -> dict[str, StoredRow]:
         started = time.perf_counter()
         try:
             rows = await self.client.get_many(entity_ids)
@@ -124,6 +125,10 @@ class FeatureSource:
             raise
         self._metrics.lookups.inc(tags={"outcome": "ok"})
         self._metrics.lookup_seconds.observe(time.perf_counter() - started)
+        for entity, row in rows.items():
+            if isinstance(row, CorruptRow):  # once per load: then it is cached for the TTL
+                self._corrupt += 1
+                logger.warning("corrupt feature row for %r: %s", entity, row.reason)
         return rows
 
     async def get_many(self, entity_ids: list[str]) -> FeatureLookup:
@@ -146,7 +151,18 @@ class FeatureSource:
             self._metrics.cache.inc(hits, tags={"result": "hit"})
         if misses:
             self._metrics.cache.inc(misses, tags={"result": "miss"})
-        return FeatureLookup(status="ok", rows=rows)
+        return self._ok(rows)
+
+    def _ok(self, stored: dict[str, StoredRow]) -> FeatureLookup:
+        """An ``ok`` answer; ids with a corrupt row fail alone or fall back to defaults,
+        as ``store.on_error`` says for a store that fails."""
+        rows = {entity: row for entity, row in stored.items() if not isinstance(row, CorruptRow)}
+        corrupt = frozenset(stored.keys() - rows.keys())
+        if not corrupt:
+            return FeatureLookup(status="ok", rows=rows)
+        if self.config.on_error == "fail":
+            return FeatureLookup(status="ok", rows=rows, invalid=corrupt)
+        return FeatureLookup(status="ok", rows=rows, fallback=corrupt)
 
     async def ping(self) -> bool:
         """Readiness: can the store answer now?"""
@@ -169,6 +185,7 @@ class FeatureSource:
             "cache_misses": cache.misses,
             "store_loads": cache.loads,
             "store_failures": self._failures,
+            "corrupt_rows_loaded": self._corrupt,
             "pid": os.getpid(),
             "known_ids": self._known.size,
             "known_ids_loaded_at": self._known.loaded_at,

@@ -78,11 +78,10 @@ class Scorer:
             else:
                 results[item_key(item)] = error
         if scorable:
-            degraded = lookup.status == "degraded"
-            rows = [None if degraded else lookup.rows[item["entity_id"]] for item in scorable]
+            rows = [lookup.rows.get(item["entity_id"]) for item in scorable]  # None: defaults
             scores = self.predict(rows, [item.get("context") or {} for item in scorable])
             for item, score in zip(scorable, scores, strict=True):
-                results[item_key(item)] = {"score": score, "degraded": degraded}
+                results[item_key(item)] = {"score": score, "degraded": _degraded(item, lookup)}
         return results
 
     def predict(
@@ -99,10 +98,24 @@ class Scorer:
         return [round(float(p), 6) for p in proba]
 
 
+def _degraded(item: Item, lookup: FeatureLookup) -> bool:
+    """Scored on default features: the store failed, or this item's row is corrupt."""
+    return lookup.status == "degraded" or item["entity_id"] in lookup.fallback
+
+
 def _lookup_error(item: Item, lookup: FeatureLookup) -> ItemResult | None:
     if lookup.status == "unavailable":
         return error_result("store_unavailable", lookup.reason or "feature store unavailable")
-    missing = lookup.status == "ok" and item["entity_id"] not in lookup.rows
+    if item["entity_id"] in lookup.invalid:
+        return error_result(
+            "feature_row_invalid",
+            f"the feature store holds an unusable row for entity {item['entity_id']!r}",
+        )
+    missing = (
+        lookup.status == "ok"
+        and item["entity_id"] not in lookup.rows
+        and item["entity_id"] not in lookup.fallback
+    )
     if missing or item["entity_id"] in lookup.unknown:
         return error_result(
             "unknown_entity", f"no features stored for entity {item['entity_id']!r}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from serve_app.config import STORE_SCHEMES, expand_env, sqlite_path, url_scheme
 from serve_app.errors import ConfigError
-from serve_app.stores.base import FeatureLookup, FeatureRow, FeatureStore
+from serve_app.stores.base import CorruptRow, FeatureLookup, FeatureRow, FeatureStore, StoredRow
 from serve_app.stores.http import HttpFeatureStore
 from serve_app.stores.sqlite import SQLiteFeatureStore
 
@@ -36,4 +36,11 @@ def open_store(url: str) -> FeatureStore:
     return HttpFeatureStore(url)
 
 
-__all__ = ["FeatureLookup", "FeatureRow", "FeatureStore", "open_store"]
+__all__ = [
+    "CorruptRow",
+    "FeatureLookup",
+    "FeatureRow",
+    "FeatureStore",
+    "StoredRow",
+    "open_store",
+]

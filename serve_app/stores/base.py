@@ -6,7 +6,7 @@ only this protocol, and :func:`serve_app.stores.open_store` picks the backend by
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -17,33 +17,58 @@ LookupStatus = Literal["ok", "degraded", "unavailable"]
 _SCALAR = (str, int, float, bool, type(None))
 
 
-def checked_rows(rows: object, asked: Sequence[str]) -> dict[str, FeatureRow]:
-    """The rows of the ``asked`` ids, each a flat JSON object, or ``StoreUnavailable``.
+@dataclass(frozen=True)
+class CorruptRow:
+    """What the store holds for an id where no flat object is: that item alone fails
+    (``store.on_error: fail``) or is scored on defaults (``degrade``); its batch-mates are
+    scored. Cached like a row, so a flood of calls for it does not reach the store."""
+
+    reason: str
+
+
+StoredRow = FeatureRow | CorruptRow
+
+
+def checked_rows(rows: object, asked: Sequence[str]) -> dict[str, StoredRow]:
+    """The rows of the ``asked`` ids: each a flat JSON object, or a :class:`CorruptRow`.
 
     Remote and shared stores answer what they hold, not what we wrote: a row that is no
     object, or holds lists or objects, failed the whole Model batch it reached (a 500
-    for every coalesced caller) and stayed in the feature cache. A corrupt row is the
-    store failing (degraded or unavailable answers, as ``store.on_error`` says); rows
-    for ids nobody asked for are dropped.
+    for every coalesced caller), and then the whole look-up it was in (every id in it
+    degraded or 503 while that row stayed). Now it is that id's own failure. An answer
+    that is not rows by id at all is the store failing (``StoreUnavailable``); rows for
+    ids nobody asked for are dropped.
     """
     if not isinstance(rows, dict):
         raise StoreUnavailable(f"the store answered {type(rows).__name__}, not rows by id")
     wanted = set(asked)
-    found: dict[str, FeatureRow] = {}
+    found: dict[str, StoredRow] = {}
     for entity, row in rows.items():
         if entity not in wanted:
             continue
-        if not isinstance(row, dict) or not all(isinstance(v, _SCALAR) for v in row.values()):
-            raise StoreUnavailable(f"corrupt feature row for {entity!r}: not a flat object")
-        found[entity] = row
+        if isinstance(row, CorruptRow):
+            found[entity] = row
+        elif not isinstance(row, dict) or not all(isinstance(v, _SCALAR) for v in row.values()):
+            found[entity] = CorruptRow(f"not a flat object but {_shape(row)}")
+        else:
+            found[entity] = row
     return found
+
+
+def _shape(row: object) -> str:
+    """What a corrupt row is, for the logs (never its values: they may be anyone's)."""
+    if isinstance(row, dict):
+        return "an object holding a list or an object"
+    return type(row).__name__
 
 
 class FeatureStore(Protocol):
     """Bulk look-up of stored per-entity features."""
 
-    async def get_many(self, entity_ids: Sequence[str]) -> dict[str, FeatureRow]:
-        """Rows for the ids that exist; unknown ids are simply absent.
+    async def get_many(self, entity_ids: Sequence[str]) -> Mapping[str, StoredRow]:
+        """Rows for the ids that exist; unknown ids are simply absent. A row the store
+        cannot decode (bad JSON) is a :class:`CorruptRow`; other shapes are checked by
+        :func:`checked_rows`.
 
         Raises :class:`~serve_app.errors.StoreUnavailable` when the store cannot answer.
         """
@@ -62,7 +87,8 @@ class FeatureStore(Protocol):
 class FeatureLookup:
     """The answer of one bulk look-up, as the FeatureFetcher sends it to the Model.
 
-    ``ok``: ``rows`` holds every id that exists. When the store failed: ``degraded``
+    ``ok``: ``rows`` holds every id that exists with a usable row; an id whose row is
+    corrupt is in ``invalid`` or ``fallback`` instead. When the store failed: ``degraded``
     (score on default features and say so) or ``unavailable`` (fail the items), as
     ``store.on_error`` says, with the ``reason``.
     """
@@ -72,3 +98,7 @@ class FeatureLookup:
     reason: str | None = None
     # When degraded: ids the FeatureFetcher knows the store does not hold (404, not a score).
     unknown: frozenset[str] = frozenset()
+    # When ok: ids whose stored row is corrupt. ``invalid`` fail alone (store.on_error:
+    # fail); ``fallback`` are scored on defaults and marked degraded (degrade).
+    invalid: frozenset[str] = frozenset()
+    fallback: frozenset[str] = frozenset()

@@ -14,7 +14,7 @@ from tenacity import (
 
 from serve_app.config import StoreConfig
 from serve_app.errors import StoreUnavailable
-from serve_app.stores.base import FeatureRow, FeatureStore, checked_rows
+from serve_app.stores.base import FeatureStore, StoredRow, checked_rows
 
 
 class StoreClient:
@@ -24,7 +24,7 @@ class StoreClient:
         self.store = store
         self.config = config
 
-    async def _attempt(self, entity_ids: Sequence[str]) -> dict[str, FeatureRow]:
+    async def _attempt(self, entity_ids: Sequence[str]) -> dict[str, StoredRow]:
         try:
             rows = await asyncio.wait_for(self.store.get_many(entity_ids), self.config.timeout_s)
         except TimeoutError as exc:
@@ -33,7 +33,7 @@ class StoreClient:
             ) from exc
         return checked_rows(rows, entity_ids)
 
-    async def get_many(self, entity_ids: Sequence[str]) -> dict[str, FeatureRow]:
+    async def get_many(self, entity_ids: Sequence[str]) -> dict[str, StoredRow]:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.config.attempts),
             wait=wait_exponential_jitter(initial=0.01, max=0.2),

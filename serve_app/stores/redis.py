@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from serve_app.errors import StoreUnavailable
-from serve_app.stores.base import FeatureRow
+from serve_app.stores.base import CorruptRow, StoredRow
 
 KEY_PREFIX = "serve_app:features:v1:"
 RESERVED_ID = "_meta"  # an entity id the API accepts, but its key holds the metadata
@@ -53,7 +53,7 @@ class RedisFeatureStore:
         )
         self._redis = aioredis.Redis.from_pool(pool)
 
-    async def get_many(self, entity_ids: Sequence[str]) -> dict[str, FeatureRow]:
+    async def get_many(self, entity_ids: Sequence[str]) -> dict[str, StoredRow]:
         if not entity_ids:
             return {}
         # The metadata's key is not an entity's: "_meta" is unknown, never a row.
@@ -62,14 +62,14 @@ class RedisFeatureStore:
             values = await self._redis.mget([feature_key(entity) for entity in unique])
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis look-up failed: {type(exc).__name__}: {exc}") from exc
-        found: dict[str, FeatureRow] = {}
+        found: dict[str, StoredRow] = {}
         for entity, value in zip(unique, values, strict=True):
             if value is None:
                 continue
             try:
                 found[entity] = json.loads(value)
-            except ValueError as exc:
-                raise StoreUnavailable(f"corrupt feature row for {entity!r} in redis") from exc
+            except (ValueError, RecursionError):  # bad JSON, or nested past the stack
+                found[entity] = CorruptRow("not JSON")
         return found
 
     async def ping(self) -> None:

@@ -24,7 +24,7 @@ from serve_app.config import StoreConfig
 from serve_app.errors import StoreUnavailable
 from serve_app.offline.load_features import load_into_redis, read_input
 from serve_app.scoring.features import ENTITY_FEATURES
-from serve_app.stores import FeatureStore, open_store
+from serve_app.stores import CorruptRow, FeatureStore, open_store
 from serve_app.stores.client import StoreClient
 from serve_app.stores.http import HttpFeatureStore
 from serve_app.stores.redis import RedisFeatureStore
@@ -191,10 +191,21 @@ def test_redis_bulk_look_up_is_one_round_trip(loaded_redis: str) -> None:
     assert commands <= {"cmdstat_config|resetstat", "cmdstat_hello", "cmdstat_client|setinfo"}
 
 
-@pytest.mark.parametrize("stored", ["null", "[1, 2]", '{"age": [1]}', "7"])
-def test_a_corrupt_redis_row_is_the_store_failing(loaded_redis: str, stored: str) -> None:
+CORRUPT_REDIS_ROWS = {
+    "null": "but NoneType",
+    "[1, 2]": "but list",
+    '{"age": [1]}': "holding a list",
+    "7": "but int",
+    "<html>": "not JSON",
+    "[" * 3000: "not JSON",  # nested past the stack: a RecursionError, not a ValueError
+}
+
+
+@pytest.mark.parametrize("stored", sorted(CORRUPT_REDIS_ROWS), ids=lambda s: s[:12])
+def test_a_corrupt_redis_row_is_that_ids_own_failure(loaded_redis: str, stored: str) -> None:
     """A row someone else wrote into the shared Redis: not a score on default features
-    (``null`` was one), not a failed Model batch, but the store failing, as for bad JSON."""
+    (``null`` was one), not a failed Model batch, not the whole look-up failing (every id
+    in it, as long as the row stayed), but a mark on its own id."""
     import redis
 
     from serve_app.stores.redis import feature_key
@@ -205,9 +216,12 @@ def test_a_corrupt_redis_row_is_the_store_failing(loaded_redis: str, stored: str
 
     async def scenario(store: FeatureStore) -> None:
         client = StoreClient(store, StoreConfig(url=loaded_redis, attempts=1))
-        with pytest.raises(StoreUnavailable, match="CORRUPT1"):
-            await client.get_many([KNOWN[0], "CORRUPT1"])
-        assert set(await client.get_many([KNOWN[0]])) == {KNOWN[0]}
+        rows = await client.get_many([KNOWN[0], "CORRUPT1"])
+        assert set(rows) == {KNOWN[0], "CORRUPT1"}
+        assert isinstance(rows[KNOWN[0]], dict)
+        corrupt = rows["CORRUPT1"]
+        assert isinstance(corrupt, CorruptRow)
+        assert CORRUPT_REDIS_ROWS[stored] in corrupt.reason
 
     _with_store(loaded_redis, scenario)
 

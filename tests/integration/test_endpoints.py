@@ -214,6 +214,32 @@ def test_batch_keeps_order_and_bad_items_fail_alone(serve_app: ServeApp) -> None
     assert singles[-1]["cached"] is True, singles
 
 
+def test_a_corrupt_stored_row_is_scored_on_defaults_alone(serve_app: ServeApp) -> None:
+    """A row no flat object (a BLOB where a number belongs, written by someone else):
+    with store.on_error: degrade, that entity alone is scored on defaults and marked
+    degraded; its batch-mates keep their stored features. It failed the whole look-up:
+    every item in the batch came back degraded."""
+    import sqlite3
+
+    corrupt = "ZCORRUPT1"  # a row of its own, inserted here and removed after
+    with sqlite3.connect(serve_app.store_path) as db:
+        db.execute("INSERT INTO entities (entity_id, age) VALUES (?, ?)", (corrupt, b"\x00"))
+    try:
+        context = {"amount": 6006.06}  # a context no other test sends: nothing cached
+        items = [{"entity_id": "E0000102", "context": context}]
+        items.append({"entity_id": corrupt, "context": context})
+        response = serve_app.client.post("/v1/predict/batch", json={"items": items})
+        single = serve_app.client.post("/v1/predict", json=items[1])
+    finally:
+        with sqlite3.connect(serve_app.store_path) as db:
+            db.execute("DELETE FROM entities WHERE entity_id = ?", (corrupt,))
+    assert response.status_code == 200, response.text
+    good, bad = response.json()["results"]
+    assert good["ok"] is True and good["degraded"] is False, good
+    assert bad["ok"] is True and bad["degraded"] is True, bad
+    assert single.status_code == 200 and single.json()["degraded"] is True, single.text
+
+
 def test_batch_duplicates_are_computed_once(serve_app: ServeApp) -> None:
     fresh = [f"E00{i:05d}" for i in range(50_000, 50_010)]
     # 50 items, 10 distinct; a context no other test sends, so no Ingress cache holds them

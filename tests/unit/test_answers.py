@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from serve_app.cache import PredictionCache
-from serve_app.errors import InvalidInput, StoreUnavailable, UnknownEntity
+from serve_app.errors import FeatureRowInvalid, InvalidInput, StoreUnavailable, UnknownEntity
 from serve_app.scoring.answers import Answers, score_batch, score_one
 from serve_app.scoring.items import Item, error_result
 
@@ -22,6 +22,8 @@ class FakeModel:
         entity = item["entity_id"]
         if entity == "DOWN":
             return error_result("store_unavailable", "store down")
+        if entity == "CORRUPT":
+            return error_result("feature_row_invalid", "unusable row for 'CORRUPT'")
         if not (entity.startswith("E") and entity[1:].isdigit()):
             return error_result("unknown_entity", f"no features for {entity!r}")
         return {"score": int(entity[1:]) / 10, "degraded": entity == "E9"}
@@ -66,6 +68,9 @@ def test_score_one_maps_item_errors_to_http_errors() -> None:
         asyncio.run(score_one(item("NOPE"), cache, model.submit))
     with pytest.raises(StoreUnavailable):
         asyncio.run(score_one(item("DOWN"), cache, model.submit))
+    with pytest.raises(FeatureRowInvalid, match="CORRUPT") as corrupt:
+        asyncio.run(score_one(item("CORRUPT"), cache, model.submit))
+    assert corrupt.value.status_code == 502 and corrupt.value.code == "feature_row_invalid"
 
 
 def test_a_new_model_version_does_not_serve_old_cache_entries() -> None:

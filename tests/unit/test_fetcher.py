@@ -9,7 +9,7 @@ import pytest
 
 from serve_app.config import StoreConfig
 from serve_app.errors import StoreUnavailable
-from serve_app.stores import FeatureRow
+from serve_app.stores import CorruptRow, FeatureLookup, FeatureRow, StoredRow
 from serve_app.stores.client import StoreClient
 
 
@@ -89,9 +89,6 @@ MALFORMED_BECAUSE = {
     "top-list": "answered no",
     "features-null": "answered no",
     "features-list": "answered no",
-    "row-number": "corrupt feature row",
-    "row-list-value": "corrupt feature row",
-    "row-object-value": "corrupt feature row",
     "not-json": "JSONDecodeError",
     "deep": "RecursionError",
 }
@@ -99,32 +96,120 @@ MALFORMED = {
     "top-list": b"[]",
     "features-null": b'{"features": null}',
     "features-list": b'{"features": []}',
-    "row-number": b'{"features": {"row-number": 5}}',
-    "row-list-value": b'{"features": {"row-list-value": {"region": ["north"]}}}',
-    "row-object-value": b'{"features": {"row-object-value": {"age": {"x": 1}}}}',
     "not-json": b"<html>oops</html>",
     "deep": b'{"features": {"deep": ' + b"[" * 3000,  # RecursionError, under the size cap
 }
+# One row of the wrong shape in a good answer: that id's own failure, and why.
+CORRUPT_BECAUSE = {
+    "row-number": "not a flat object but int",
+    "row-list": "not a flat object but list",
+    "row-list-value": "holding a list or an object",
+    "row-object-value": "holding a list or an object",
+}
+CORRUPT = {
+    "row-number": b'{"features": {"row-number": 5, "E1": {"age": 2.0}}}',
+    "row-list": b'{"features": {"row-list": [1, 2], "E1": {"age": 2.0}}}',
+    "row-list-value": b'{"features": {"row-list-value": {"region": ["north"]}, "E1": {}}}',
+    "row-object-value": b'{"features": {"row-object-value": {"age": {"x": 1}}, "E1": {}}}',
+}
+
+
+def _look_up(url: str, ids: list[str]) -> dict[str, StoredRow]:
+    from serve_app.stores.http import HttpFeatureStore
+
+    async def look_up() -> dict[str, StoredRow]:
+        store = HttpFeatureStore(url)
+        try:
+            return await StoreClient(store, config(attempts=1, timeout_s=5)).get_many(ids)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(look_up())
 
 
 @pytest.mark.parametrize("entity", sorted(MALFORMED))
 def test_a_malformed_feature_api_answer_is_the_store_failing(entity: str) -> None:
-    """A row of the wrong shape failed the whole Model batch (a 500 for every caller in
-    it) and stayed cached; a wrong envelope escaped the retries as a TypeError."""
-    from serve_app.stores.http import HttpFeatureStore
+    """A wrong envelope escaped the retries as a TypeError; now it is the store failing."""
     from tests.servers import serve_in_thread
 
-    with serve_in_thread(_hostile_feature_api(MALFORMED)) as url:
+    with (
+        serve_in_thread(_hostile_feature_api(MALFORMED)) as url,
+        pytest.raises(StoreUnavailable, match=MALFORMED_BECAUSE[entity]),
+    ):
+        _look_up(url, [entity])
 
-        async def look_up() -> None:
-            store = HttpFeatureStore(url)
+
+@pytest.mark.parametrize("entity", sorted(CORRUPT))
+def test_a_corrupt_row_is_that_ids_own_failure(entity: str) -> None:
+    """A row of the wrong shape failed the whole Model batch (a 500 for every caller in
+    it), then the whole look-up; now only its id is marked, and E1 is served."""
+    from tests.servers import serve_in_thread
+
+    with serve_in_thread(_hostile_feature_api(CORRUPT)) as url:
+        rows = _look_up(url, [entity, "E1"])
+    assert set(rows) == {entity, "E1"}
+    assert isinstance(rows[entity], CorruptRow)
+    assert CORRUPT_BECAUSE[entity] in rows[entity].reason
+    assert isinstance(rows["E1"], dict)
+
+
+def _mixed_feature_api(calls: list[list[str]]) -> Any:
+    """A feature API holding a good E1 and a corrupt BAD row; records what it is asked."""
+    from fastapi import FastAPI, Request
+
+    app = FastAPI()
+
+    @app.post("/features/bulk")
+    async def bulk(request: Request) -> dict[str, Any]:
+        ids = (await request.json())["ids"]
+        calls.append(ids)
+        held = {"E1": {"age": 40.0, "region": "north"}, "BAD": {"region": ["north"]}}
+        return {"features": {entity: held.get(entity) for entity in ids}}
+
+    return app
+
+
+@pytest.mark.parametrize(("on_error", "field"), [("fail", "invalid"), ("degrade", "fallback")])
+def test_a_corrupt_row_is_cached_and_told_apart_in_the_lookup(
+    on_error: str, field: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The FeatureFetcher's answer: E1's row, BAD named apart (invalid or fallback, as
+    store.on_error says), NOPE absent; a second look-up is served from the cache and
+    the corrupt row is logged once, by id, without its values."""
+    from serve_app.config import FetcherTuning
+    from serve_app.feature_lookup import FeatureSource
+    from tests.servers import serve_in_thread
+
+    calls: list[list[str]] = []
+    with serve_in_thread(_mixed_feature_api(calls)) as url, caplog.at_level("WARNING"):
+        store = StoreConfig(url=url, on_error=on_error, attempts=1, timeout_s=5)
+
+        async def twice() -> list[FeatureLookup]:
+            source = FeatureSource(store, FetcherTuning(), _Anything())
             try:
-                await StoreClient(store, config(attempts=1, timeout_s=5)).get_many([entity])
+                return [await source.get_many(["E1", "BAD", "NOPE"]) for _ in range(2)]
             finally:
-                await store.aclose()
+                await source.aclose()
 
-        with pytest.raises(StoreUnavailable, match=MALFORMED_BECAUSE[entity]):
-            asyncio.run(look_up())
+        first, second = asyncio.run(twice())
+    assert first == second
+    assert first.status == "ok" and set(first.rows) == {"E1"}
+    assert getattr(first, field) == frozenset({"BAD"})
+    other = "fallback" if field == "invalid" else "invalid"
+    assert getattr(first, other) == frozenset()
+    assert calls == [["E1", "BAD", "NOPE"]]
+    corrupt_logs = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
+    assert len(corrupt_logs) == 1 and "'BAD'" in corrupt_logs[0]
+    assert "north" not in corrupt_logs[0]
+
+
+class _Anything:
+    """A metrics stand-in: every attribute is a no-op recorder."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("inc", "observe", "set"):
+            return lambda *args, **kwargs: None
+        return self
 
 
 def test_rows_nobody_asked_for_are_dropped_and_a_huge_answer_is_refused() -> None:

@@ -56,6 +56,35 @@ def test_unavailable_lookup_fails_each_item_with_the_reason(scorer) -> None:
     assert {r["error"]["message"] for r in results.values()} == {"store down"}
 
 
+def test_a_corrupt_row_fails_its_own_item_and_its_batch_mates_are_scored(scorer) -> None:
+    """store.on_error: fail. One entity's corrupt row used to fail every id of the
+    look-up it was in (503 for each, while the row stayed)."""
+    model, sizes = scorer
+    sizes.clear()
+    lookup = FeatureLookup(status="ok", rows={"E1": ROW}, invalid=frozenset({"BAD"}))
+    results = model.score([item("E1"), item("BAD"), item("NOPE")], lookup)
+    assert sizes == [1]
+    assert results[item_key(item("BAD"))]["error"]["code"] == "feature_row_invalid"
+    assert "'BAD'" in results[item_key(item("BAD"))]["error"]["message"]
+    assert results[item_key(item("NOPE"))]["error"]["code"] == "unknown_entity"
+    assert results[item_key(item("E1"))]["degraded"] is False
+
+
+def test_a_corrupt_row_falls_back_to_defaults_alone(scorer) -> None:
+    """store.on_error: degrade. Only the corrupt entity is scored on defaults."""
+    model, sizes = scorer
+    sizes.clear()
+    lookup = FeatureLookup(status="ok", rows={"E1": ROW}, fallback=frozenset({"BAD"}))
+    results = model.score([item("E1"), item("BAD")], lookup)
+    on_defaults = model.score([item("X")], FeatureLookup(status="degraded"))
+    assert sizes == [2, 1]
+    assert results[item_key(item("BAD"))] == {
+        "score": on_defaults[item_key(item("X"))]["score"],
+        "degraded": True,
+    }
+    assert results[item_key(item("E1"))]["degraded"] is False
+
+
 def test_calls_are_deduped_and_answered_each_in_its_own_order() -> None:
     calls = [[item("E1"), item("E2")], [item("E2"), item("E3"), item("E1")]]
     unique = unique_items(flatten(calls))
