@@ -27,7 +27,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from serve_app.api.body import parse_json, read_body_bytes
-from serve_app.api.quotas import check_backlog
+from serve_app.api.quotas import check_job_size, queue_full
 from serve_app.api.schemas import JobRequest
 from serve_app.api.validation import check_item_count, parse_body, parse_item
 from serve_app.config import JobsConfig
@@ -38,7 +38,7 @@ from serve_app.errors import (
     JobWorkerLost,
     JobWorkersBusy,
 )
-from serve_app.jobs import IdempotencyConflict, Job, JobQueue, open_job_queue
+from serve_app.jobs import BacklogFull, IdempotencyConflict, Job, JobQueue, open_job_queue
 from serve_app.jobs.webhooks import CallbackRefused, check_callback_url
 from serve_app.scoring.items import Item
 
@@ -130,11 +130,9 @@ def create_job(
             if earlier.body_hash != prepared.body_hash:
                 raise _reused_key()
             return earlier, False
-    # Checked before the insert, not in its transaction: concurrent creations of one key
-    # (at most jobs.max_concurrent_creations_per_key per Ingress replica) can pass it
-    # together, so the cap is exceeded by at most their own items.
     valid = len(prepared.items) - len(prepared.rejected)
-    check_backlog(queue.owner_backlog(owner), valid, jobs.max_queued_items_per_key)
+    limit = jobs.max_queued_items_per_key
+    check_job_size(valid, limit)
     try:
         return queue.create(
             owner,
@@ -143,9 +141,12 @@ def create_job(
             prepared.callback_url,
             idempotency_key,
             prepared.body_hash,
+            max_backlog=limit,
         )
     except IdempotencyConflict as exc:
         raise _reused_key() from exc
+    except BacklogFull as full:
+        raise queue_full(full.backlog, valid, limit) from full
 
 
 def _reused_key() -> Conflict:

@@ -91,22 +91,25 @@ async def creation_slot(request: Request, owner: Owner) -> AsyncIterator[HeldSlo
         held.request_done()
 
 
-def check_backlog(backlog: int, new_items: int, limit: int) -> None:
-    """429 when ``new_items`` would take the key's queued items past ``limit``; 422 when
-    they are more than ``limit`` on their own (a retry would never help: the 429's
-    "retry later" was a promise this job could never see kept)."""
+def check_job_size(new_items: int, limit: int) -> None:
+    """422 when a job's ``new_items`` are more than the key's whole queue quota ``limit``
+    (a 429's "retry later" was a promise such a job could never see kept)."""
     if new_items > limit:
         raise InvalidInput(
             f"this job has {new_items} valid items, more than this API key may have queued "
             f"at all ({limit}): split it into smaller jobs",
             [{"type": "job_larger_than_queue_quota", "limit": limit, "items": new_items}],
         )
-    if backlog + new_items > limit:
-        raise TooManyRequests(
-            f"this API key has {backlog} items waiting in the queue; {new_items} more would "
-            f"exceed its limit of {limit}. Retry when some jobs have finished",
-            [{"type": "too_many_queued_items", "limit": limit, "queued": backlog}],
-        )
+
+
+def queue_full(backlog: int, new_items: int, limit: int) -> TooManyRequests:
+    """The 429 for ``new_items`` that would take the key's queued items past ``limit``
+    (the queue decides that in its insert's transaction: ``BacklogFull``)."""
+    return TooManyRequests(
+        f"this API key has {backlog} items waiting in the queue; {new_items} more would "
+        f"exceed its limit of {limit}. Retry when some jobs have finished",
+        [{"type": "too_many_queued_items", "limit": limit, "queued": backlog}],
+    )
 
 
 CreationSlot = Annotated[HeldSlot, Depends(creation_slot)]

@@ -31,10 +31,13 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from serve_app.errors import QueueBusy
-from serve_app.jobs.queue import IdempotencyConflict, Job, decode_item, is_job_id
+from serve_app.jobs.queue import IdempotencyConflict, Job, check_room, decode_item, is_job_id
 
 SCHEMA_VERSION = 3
 _MIGRATION_LOCK = 0x5E27E_A99  # pg_advisory_xact_lock key: one migrator at a time
+# With the owner's hashtext: one job creation per owner at a time (the two-int key space
+# is apart from the one-bigint space of the migration lock).
+_CREATE_LOCK_CLASS = 0x5E27E
 PURGE_BATCH = 500
 
 _MIGRATIONS: dict[int, str] = {
@@ -107,6 +110,15 @@ _JOB_COLUMNS = (
 )
 
 
+def _backlog(db: psycopg.Connection[Any], owner: str) -> int:
+    row = db.execute(
+        "SELECT COALESCE(SUM(total - done), 0) FROM jobs"
+        " WHERE owner = %s AND state IN ('queued', 'running')",
+        (owner,),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def _job(row: Sequence[Any] | None) -> Job | None:
     return None if row is None else Job(*row)
 
@@ -160,11 +172,25 @@ class PostgresJobQueue:
         callback_url: str | None,
         idempotency_key: str | None,
         body_hash: str,
+        max_backlog: int | None = None,
     ) -> tuple[Job, bool]:
-        """Enqueue a job; return it and whether it is new (see the SQLite queue)."""
+        """Enqueue a job; return it and whether it is new (see :meth:`JobQueue.create`).
+
+        With ``max_backlog``, the owner's creations take turns (a transaction-scoped
+        advisory lock on the owner): two of them, on any replica, each read the backlog
+        before the other's insert and passed the cap together.
+        """
         now = time.time()
         job_id = uuid.uuid4().hex
         with self._connect() as db, db.transaction():
+            if max_backlog is not None:
+                db.execute(
+                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_CREATE_LOCK_CLASS, owner)
+                )
+                earlier = self._earlier(db, owner, idempotency_key, body_hash)
+                if earlier is not None:
+                    return earlier, False
+                check_room(_backlog(db, owner), len(items) - len(rejected), max_backlog)
             inserted = db.execute(
                 "INSERT INTO jobs (id, owner, state, total, done, failed, idempotency_key,"
                 " body_hash, callback_url, created_at)"
@@ -183,14 +209,8 @@ class PostgresJobQueue:
                 ),
             ).fetchone()
             if inserted is None:  # the key was used before (perhaps a moment ago)
-                existing = db.execute(
-                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = %s AND idempotency_key = %s",
-                    (owner, idempotency_key),
-                ).fetchone()
-                job = _job(existing)
+                job = self._earlier(db, owner, idempotency_key, body_hash)
                 assert job is not None
-                if job.body_hash != body_hash:
-                    raise IdempotencyConflict(idempotency_key)
                 return job, False
             with db.cursor().copy("COPY job_items (job_id, idx, item) FROM STDIN") as copy:
                 for index, item in enumerate(items):
@@ -206,6 +226,23 @@ class PostgresJobQueue:
             job = _job(row.fetchone())
         assert job is not None
         return job, True
+
+    @staticmethod
+    def _earlier(
+        db: psycopg.Connection[Any], owner: str, idempotency_key: str | None, body_hash: str
+    ) -> Job | None:
+        """The job created before with ``idempotency_key`` (``IdempotencyConflict`` if
+        its body differed), or None."""
+        if idempotency_key is None:
+            return None
+        row = db.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = %s AND idempotency_key = %s",
+            (owner, idempotency_key),
+        ).fetchone()
+        job = _job(row)
+        if job is not None and job.body_hash != body_hash:
+            raise IdempotencyConflict(idempotency_key)
+        return job
 
     def get(self, job_id: str, owner: str) -> Job | None:
         """The job if it exists and belongs to ``owner`` (otherwise None: a 404)."""
@@ -269,12 +306,7 @@ class PostgresJobQueue:
     def owner_backlog(self, owner: str) -> int:
         """Items not yet done in ``owner``'s queued and running jobs (the per-key cap)."""
         with self._connect() as db:
-            row = db.execute(
-                "SELECT COALESCE(SUM(total - done), 0) FROM jobs"
-                " WHERE owner = %s AND state IN ('queued', 'running')",
-                (owner,),
-            ).fetchone()
-        return int(row[0]) if row else 0
+            return _backlog(db, owner)
 
     def depth(self) -> int:
         """Jobs waiting or running: the JobWorker's autoscaling metric."""

@@ -90,6 +90,20 @@ class IdempotencyConflict(Exception):
     """The idempotency key was used before with a different body."""
 
 
+class BacklogFull(Exception):
+    """The owner's queued items plus this job's would pass ``max_backlog``."""
+
+    def __init__(self, backlog: int) -> None:
+        super().__init__(f"{backlog} items already queued")
+        self.backlog = backlog
+
+
+def check_room(backlog: int, new_items: int, max_backlog: int) -> None:
+    """``BacklogFull`` unless ``new_items`` fit next to ``backlog`` within ``max_backlog``."""
+    if backlog + new_items > max_backlog:
+        raise BacklogFull(backlog)
+
+
 class JobQueue(Protocol):
     """A durable, at-least-once queue of jobs with leases, per-item results and webhooks."""
 
@@ -101,7 +115,13 @@ class JobQueue(Protocol):
         callback_url: str | None,
         idempotency_key: str | None,
         body_hash: str,
-    ) -> tuple[Job, bool]: ...
+        max_backlog: int | None = None,
+    ) -> tuple[Job, bool]:
+        """Enqueue a job; return it and whether it is new (a resend of ``idempotency_key``
+        returns the earlier job, whatever the backlog). ``BacklogFull`` when the owner's
+        items not yet done plus this job's valid items would pass ``max_backlog``: checked
+        in the insert's own transaction, so concurrent creations cannot pass it together."""
+        ...
 
     def get(self, job_id: str, owner: str) -> Job | None: ...
 

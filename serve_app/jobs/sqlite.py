@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.errors import QueueBusy
-from serve_app.jobs.queue import IdempotencyConflict, Job, decode_item, is_job_id
+from serve_app.jobs.queue import IdempotencyConflict, Job, check_room, decode_item, is_job_id
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -172,11 +172,13 @@ class SQLiteJobQueue:
         callback_url: str | None,
         idempotency_key: str | None,
         body_hash: str,
+        max_backlog: int | None = None,
     ) -> tuple[Job, bool]:
-        """Enqueue a job; return it and whether it is new.
+        """Enqueue a job; return it and whether it is new (see :meth:`JobQueue.create`).
 
         ``items[i]`` is ``None`` for an item that failed validation; its error is in
-        ``rejected[i]`` and is stored as its result at once.
+        ``rejected[i]`` and is stored as its result at once. ``BEGIN IMMEDIATE`` holds
+        every other writer off, so the backlog read here stays true until the commit.
         """
         now = time.time()
         with self._transaction(durable=True) as db:
@@ -190,6 +192,8 @@ class SQLiteJobQueue:
                     if job.body_hash != body_hash:
                         raise IdempotencyConflict(idempotency_key)
                     return job, False
+            if max_backlog is not None:
+                check_room(_backlog(db, owner), len(items) - len(rejected), max_backlog)
             job_id = uuid.uuid4().hex
             db.execute(
                 "INSERT INTO jobs (id, owner, state, total, failed, idempotency_key, body_hash,"
@@ -304,12 +308,7 @@ class SQLiteJobQueue:
     def owner_backlog(self, owner: str) -> int:
         """Items not yet done in ``owner``'s queued and running jobs (the per-key cap)."""
         with self._connect() as db:
-            row = db.execute(
-                "SELECT COALESCE(SUM(total - done), 0) FROM jobs"
-                " WHERE owner = ? AND state IN ('queued', 'running')",
-                (owner,),
-            ).fetchone()
-        return int(row[0])
+            return _backlog(db, owner)
 
     def depth(self) -> int:
         """Jobs waiting or running: the JobWorker's autoscaling metric."""
@@ -499,3 +498,12 @@ class SQLiteJobQueue:
 
     def close(self) -> None:
         """Nothing to release: a connection lives for one call."""
+
+
+def _backlog(db: sqlite3.Connection, owner: str) -> int:
+    row = db.execute(
+        "SELECT COALESCE(SUM(total - done), 0) FROM jobs"
+        " WHERE owner = ? AND state IN ('queued', 'running')",
+        (owner,),
+    ).fetchone()
+    return int(row[0])

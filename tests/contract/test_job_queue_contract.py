@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from serve_app.jobs import IdempotencyConflict, JobQueue, open_job_queue
+from serve_app.jobs import BacklogFull, IdempotencyConflict, JobQueue, open_job_queue
 from serve_app.jobs.postgres import PostgresJobQueue
 from serve_app.jobs.sqlite import SQLiteJobQueue
 from tests.services import PostgresServer
@@ -330,6 +330,62 @@ def test_owner_backlog_counts_items_not_done(queue: JobQueue) -> None:
     assert queue.owner_backlog("alice") == 3 + 1
     queue.cancel(job.id, "alice", 60)
     assert queue.owner_backlog("alice") == 1 and queue.owner_backlog("nobody") == 0
+
+
+def test_a_full_backlog_refuses_new_jobs_but_returns_a_resent_one(queue: JobQueue) -> None:
+    job, new = queue.create("alice", ITEMS, {}, None, "k1", "h1", max_backlog=5)
+    assert new
+    again, new = queue.create("alice", ITEMS, {}, None, "k1", "h1", max_backlog=5)
+    assert (again.id, new) == (job.id, False)  # a resend, whatever the backlog
+    with pytest.raises(BacklogFull) as full:
+        queue.create("alice", ITEMS[:1], {}, None, "k2", "h2", max_backlog=5)
+    assert full.value.backlog == 5
+    with pytest.raises(IdempotencyConflict):
+        queue.create("alice", ITEMS, {}, None, "k1", "other body", max_backlog=5)
+    queue.create("bob", ITEMS, {}, None, "k2", "h2", max_backlog=5)  # a key of its own
+    assert queue.owner_backlog("alice") == 5 and queue.owner_backlog("bob") == 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_creations_of_one_key_cannot_pass_its_items_cap_together(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Eight creations of 100 items at once, each through its own queue client (as from
+    several Ingress replicas), against a cap of 300: exactly three are stored. The cap
+    was checked before the insert's transaction, and creations that read the backlog
+    together passed it together."""
+    import json
+
+    from serve_app.api.job_input import create_job
+    from serve_app.config import JobsConfig
+    from serve_app.errors import TooManyRequests
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_srv")
+        url = server.create_database("cap")
+    settings = JobsConfig(queue_url=url, max_queued_items_per_key=300).model_dump()
+    raw = json.dumps({"items": [{"entity_id": f"E{i:07d}"} for i in range(100)]}).encode()
+    clients = [open_job_queue(url) for _ in range(8)]
+    start = threading.Barrier(len(clients))
+
+    def create(client: JobQueue) -> str:
+        start.wait()
+        try:
+            create_job(raw, "alice", None, settings, False, client)
+        except TooManyRequests:
+            return "429"
+        return "202"
+
+    try:
+        with ThreadPoolExecutor(len(clients)) as pool:
+            outcomes = sorted(pool.map(create, clients))
+        assert outcomes == ["202"] * 3 + ["429"] * 5
+        assert clients[0].owner_backlog("alice") == 300
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_release_gives_leases_back_uncounted(queue: JobQueue) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.api.quotas import CreationSlots, check_backlog
+from serve_app.api.quotas import CreationSlots, check_job_size, queue_full
 from serve_app.errors import Overloaded, TooManyRequests
 
 
@@ -25,11 +25,12 @@ def test_one_key_may_hold_a_few_creation_slots_and_all_keys_a_few_more() -> None
     slots.acquire("alice")  # all released: nothing leaked
 
 
-def test_queued_items_per_key_are_capped() -> None:
-    check_backlog(backlog=250_000, new_items=50_000, limit=300_000)
-    with pytest.raises(TooManyRequests) as caught:
-        check_backlog(backlog=250_001, new_items=50_000, limit=300_000)
-    assert caught.value.details[0]["type"] == "too_many_queued_items"
+def test_a_full_queue_is_a_429_that_says_how_full() -> None:
+    refused = queue_full(backlog=250_001, new_items=50_000, limit=300_000)
+    assert isinstance(refused, TooManyRequests) and refused.status_code == 429
+    assert refused.details == [
+        {"type": "too_many_queued_items", "limit": 300_000, "queued": 250_001}
+    ]
 
 
 def test_a_slot_handed_to_its_creation_stays_taken_until_the_creation_ends() -> None:
@@ -66,9 +67,9 @@ def test_a_job_larger_than_the_whole_quota_is_a_422_not_a_retry_forever() -> Non
     from serve_app.errors import InvalidInput
 
     with pytest.raises(InvalidInput) as caught:
-        check_backlog(backlog=0, new_items=300_001, limit=300_000)
+        check_job_size(new_items=300_001, limit=300_000)
     assert caught.value.status_code == 422
     assert caught.value.details == [
         {"type": "job_larger_than_queue_quota", "limit": 300_000, "items": 300_001}
     ]
-    check_backlog(backlog=0, new_items=300_000, limit=300_000)  # exactly the quota fits
+    check_job_size(new_items=300_000, limit=300_000)  # exactly the quota fits
