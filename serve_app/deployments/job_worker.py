@@ -89,6 +89,7 @@ class JobWorker:
         self._slots = asyncio.Semaphore(JobWorkerTuning().concurrent_jobs)
         self._depth = 0
         self._running: set[asyncio.Task[None]] = set()
+        self._claiming: asyncio.Task[Job | None] | None = None  # the claim in its thread
         loop = asyncio.get_running_loop()
         self._loop = loop.create_task(self._claim_loop())
         self._housekeeping = loop.create_task(self._housekeeping_loop())
@@ -118,6 +119,10 @@ class JobWorker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._claiming is not None:
+            # A claim already in its thread commits whatever a cancel says: wait for it,
+            # or the job it takes stays leased to this stopped worker for lease_s.
+            await asyncio.gather(self._claiming, return_exceptions=True)
         try:
             released = await asyncio.to_thread(self._queue.release, self._worker)
             logger.info("stopping: released %d job lease(s)", released)
@@ -140,10 +145,10 @@ class JobWorker:
             try:
                 slots = self._slots
                 await slots.acquire()
+                claim = asyncio.to_thread(self._queue.claim, self._worker, self._config.lease_s)
+                self._claiming = asyncio.create_task(claim)
                 try:
-                    job = await asyncio.to_thread(
-                        self._queue.claim, self._worker, self._config.lease_s
-                    )
+                    job = await asyncio.shield(self._claiming)  # a stop waits for it: __del__
                 except BaseException:  # a busy or restarting database: the slot is free again
                     slots.release()
                     raise

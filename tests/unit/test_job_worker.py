@@ -1,5 +1,6 @@
 import asyncio
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -354,3 +355,44 @@ def test_a_store_down_for_good_ends_the_job_after_its_wait_budget(tmp_path: Path
     assert (final.done, final.failed) == (3, 3)
     assert {r["error"]["code"] for r in stored} == {"store_unavailable"}
     assert model.calls >= 4  # it did wait and retry before giving up
+
+
+class _SlowClaims(SQLiteJobQueue):
+    """A queue whose claim is still in its thread when the stop comes."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.claiming = threading.Event()
+
+    def claim(self, worker: str, lease_s: float) -> Any:
+        self.claiming.set()
+        time.sleep(0.3)
+        return super().claim(worker, lease_s)
+
+
+def test_a_stop_waits_for_the_claim_in_its_thread_and_gives_that_lease_back(
+    tmp_path: Path,
+) -> None:
+    """Cancelling the claim loop does not stop a claim already in its thread: it
+    committed after release(), and its job stayed leased to the stopped worker for
+    lease_s (an hour here) instead of continuing at once after a restart."""
+    queue = _SlowClaims(tmp_path / "jobs.db")
+    job, _ = queue.create("o", [{"entity_id": "E1", "context": {}}], {}, None, None, "h")
+    worker = _worker(queue)
+    worker._config = JobsConfig(chunk_size=2, lease_s=3600)
+    worker._running = set()
+    worker._claiming = None
+
+    async def start_then_stop() -> None:
+        worker._slots = asyncio.Semaphore(1)
+        worker._loop = asyncio.create_task(worker._claim_loop())
+        worker._housekeeping = asyncio.create_task(asyncio.sleep(3600))
+        assert await asyncio.to_thread(queue.claiming.wait, 5)
+        await JobWorker.func_or_class.__del__(worker)  # Serve's stop hook
+
+    asyncio.run(start_then_stop())
+    restarted = SQLiteJobQueue(tmp_path / "jobs.db")
+    again = restarted.claim("restarted", 3600)
+    assert again is not None and again.id == job.id
+    assert again.claims == 1  # the stopped worker's claim is not held against it
+    restarted.close()
