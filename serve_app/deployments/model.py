@@ -142,8 +142,9 @@ class Model:
         by_key = self._scorer.score(unique, lookup)
         timing = {"started": started, "features": fetched - started}
         timing["predict"] = time.perf_counter() - fetched
-        if lookup.status == "degraded":
-            self._metrics.degraded_items.inc(len(unique))
+        degraded = sum(1 for result in by_key.values() if result.get("degraded"))
+        if degraded:  # a store outage, or entities whose stored row is corrupt
+            self._metrics.degraded_items.inc(degraded)
         self._stats.record(len(calls), len(flat), len(unique))
         self._metrics.batch_requests.observe(len(calls))
         self._metrics.batch_items.observe(len(unique))

@@ -33,11 +33,12 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from serve_app.errors import QueueBusy
 from serve_app.jobs.queue import IdempotencyConflict, Job, check_room, decode_item, is_job_id
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _MIGRATION_LOCK = 0x5E27E_A99  # pg_advisory_xact_lock key: one migrator at a time
 # With the owner's hashtext: one job creation per owner at a time (the two-int key space
 # is apart from the one-bigint space of the migration lock).
 _CREATE_LOCK_CLASS = 0x5E27E
+CREATE_LOCK_TIMEOUT_S = 5  # as long as SQLite's busy_timeout
 PURGE_BATCH = 500
 
 _MIGRATIONS: dict[int, str] = {
@@ -93,12 +94,23 @@ CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (created_at) WHERE state = 'queue
 CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (webhook_next_at)
     WHERE webhook_state = 'pending';
 """,
+    # An owner's backlog (the per-key cap), read under the owner's lock at every creation:
+    # its active jobs only, not the week of finished ones a busy key keeps.
+    4: """
+CREATE INDEX IF NOT EXISTS jobs_owner_active ON jobs (owner)
+    WHERE state IN ('queued', 'running');
+""",
 }
 
 # A webhook owed and due, earliest first: the partial index jobs_webhook_due.
 CLAIM_WEBHOOK_SQL = (
     "SELECT id FROM jobs WHERE webhook_state = 'pending' AND webhook_next_at <= %s"
     " AND lease_until < %s ORDER BY webhook_next_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+)
+# An owner's items not yet done: the partial index jobs_owner_active.
+BACKLOG_SQL = (
+    "SELECT COALESCE(SUM(total - done), 0) FROM jobs"
+    " WHERE owner = %s AND state IN ('queued', 'running')"
 )
 # The oldest job waiting for its first claim: min() over the partial index jobs_queued.
 OLDEST_QUEUED_SQL = "SELECT min(created_at) FROM jobs WHERE state = 'queued'"
@@ -111,11 +123,7 @@ _JOB_COLUMNS = (
 
 
 def _backlog(db: psycopg.Connection[Any], owner: str) -> int:
-    row = db.execute(
-        "SELECT COALESCE(SUM(total - done), 0) FROM jobs"
-        " WHERE owner = %s AND state IN ('queued', 'running')",
-        (owner,),
-    ).fetchone()
+    row = db.execute(BACKLOG_SQL, (owner,)).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -184,6 +192,13 @@ class PostgresJobQueue:
         job_id = uuid.uuid4().hex
         with self._connect() as db, db.transaction():
             if max_backlog is not None:
+                # READ COMMITTED whatever the database's default: the backlog read after
+                # the lock wait must see the creations committed during it (a REPEATABLE
+                # READ snapshot, taken at the lock statement, let all eight through).
+                db.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                # A stuck holder (a lost node mid-COPY) must not hold the key's creations
+                # for hours: past this, LockNotAvailable -> 503 queue_busy (_connect).
+                db.execute(f"SET LOCAL lock_timeout = '{CREATE_LOCK_TIMEOUT_S}s'")
                 db.execute(
                     "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_CREATE_LOCK_CLASS, owner)
                 )

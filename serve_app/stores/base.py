@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from serve_app.errors import StoreUnavailable
+from serve_app.scoring.features import ENTITY_FEATURES
 
 FeatureRow = dict[str, Any]
 LookupStatus = Literal["ok", "degraded", "unavailable"]
@@ -46,20 +47,22 @@ def checked_rows(rows: object, asked: Sequence[str]) -> dict[str, StoredRow]:
     for entity, row in rows.items():
         if entity not in wanted:
             continue
-        if isinstance(row, CorruptRow):
-            found[entity] = row
-        elif not isinstance(row, dict) or not all(isinstance(v, _SCALAR) for v in row.values()):
-            found[entity] = CorruptRow(f"not a flat object but {_shape(row)}")
-        else:
-            found[entity] = row
+        found[entity] = row if isinstance(row, CorruptRow) else _checked(row)
     return found
 
 
-def _shape(row: object) -> str:
-    """What a corrupt row is, for the logs (never its values: they may be anyone's)."""
-    if isinstance(row, dict):
-        return "an object holding a list or an object"
-    return type(row).__name__
+def _checked(row: object) -> StoredRow:
+    """The row, or what is wrong with it, for the logs (never its values: they may be
+    anyone's). A row with none of the model's features would be scored exactly as the
+    defaults yet look like a real, cacheable answer."""
+    if not isinstance(row, dict):
+        return CorruptRow(f"not a flat object but {type(row).__name__}")
+    for name, value in row.items():
+        if not isinstance(value, _SCALAR):
+            return CorruptRow(f"not a flat object: {type(value).__name__} in {str(name)[:40]!r}")
+    if not any(name in row for name in ENTITY_FEATURES):
+        return CorruptRow("none of the model's entity features")
+    return row
 
 
 class FeatureStore(Protocol):

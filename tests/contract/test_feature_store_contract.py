@@ -194,7 +194,8 @@ def test_redis_bulk_look_up_is_one_round_trip(loaded_redis: str) -> None:
 CORRUPT_REDIS_ROWS = {
     "null": "but NoneType",
     "[1, 2]": "but list",
-    '{"age": [1]}': "holding a list",
+    '{"age": [1]}': "list in 'age'",
+    "{}": "none of the model's entity features",
     "7": "but int",
     "<html>": "not JSON",
     "[" * 3000: "not JSON",  # nested past the stack: a RecursionError, not a ValueError

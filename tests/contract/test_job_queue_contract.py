@@ -346,7 +346,7 @@ def test_a_full_backlog_refuses_new_jobs_but_returns_a_resent_one(queue: JobQueu
     assert queue.owner_backlog("alice") == 5 and queue.owner_backlog("bob") == 5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "postgresql-repeatable-read"])
 def test_concurrent_creations_of_one_key_cannot_pass_its_items_cap_together(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -364,7 +364,13 @@ def test_concurrent_creations_of_one_key_cannot_pass_its_items_cap_together(
         url = f"sqlite:///{tmp_path / 'jobs.db'}"
     else:
         server: PostgresServer = request.getfixturevalue("postgres_srv")
-        url = server.create_database("cap")
+        url = server.create_database(backend.replace("-", "_"))
+        if backend == "postgresql-repeatable-read":  # a DBA's default: snapshots at BEGIN
+            with psycopg.connect(url, autocommit=True) as admin:
+                name = admin.info.dbname
+                admin.execute(
+                    f"ALTER DATABASE {name} SET default_transaction_isolation = 'repeatable read'"
+                )
     settings = JobsConfig(queue_url=url, max_queued_items_per_key=300).model_dump()
     raw = json.dumps({"items": [{"entity_id": f"E{i:07d}"} for i in range(100)]}).encode()
     clients = [open_job_queue(url) for _ in range(8)]
@@ -463,6 +469,51 @@ def test_postgres_webhook_claim_reads_its_partial_index(postgres_srv: PostgresSe
         queue.close()
 
 
+def test_postgres_owner_backlog_reads_its_partial_index(postgres_srv: PostgresServer) -> None:
+    """Read at every creation while the owner's lock is held: its active jobs only, not
+    the week of finished ones a busy key keeps."""
+    from serve_app.jobs.postgres import BACKLOG_SQL
+
+    queue = PostgresJobQueue(postgres_srv.create_database("backlog_index"))
+    try:
+        with queue._connect() as db, db.transaction():
+            db.execute("SET LOCAL enable_seqscan = off")  # a tiny table: ask what it can use
+            plan = " ".join(row[0] for row in db.execute(f"EXPLAIN {BACKLOG_SQL}", ("o",)))
+        assert "jobs_owner_active" in plan, plan
+    finally:
+        queue.close()
+
+
+def test_postgres_a_stuck_creation_of_one_key_holds_the_others_for_seconds_only(
+    postgres_srv: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A creation stuck holding its key's lock (its node lost mid-COPY: PostgreSQL keeps
+    the transaction until TCP keepalive notices, hours) blocked every creation of that
+    key on every replica, each holding a creation slot and a thread. Now: 503 after the
+    lock timeout; other keys never wait."""
+    from serve_app.errors import QueueBusy
+    from serve_app.jobs import postgres
+
+    monkeypatch.setattr(postgres, "CREATE_LOCK_TIMEOUT_S", 1)
+    url = postgres_srv.create_database("stuck_lock")
+    queue = PostgresJobQueue(url)
+    try:
+        with psycopg.connect(url) as stuck, stuck.transaction():
+            lock = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
+            stuck.execute(lock, (postgres._CREATE_LOCK_CLASS, "alice"))
+            started = time.monotonic()
+            with pytest.raises(QueueBusy):
+                queue.create("alice", ITEMS, {}, None, None, "h1", max_backlog=100)
+            waited = time.monotonic() - started
+            other, new = queue.create("bob", ITEMS, {}, None, None, "h2", max_backlog=100)
+            assert new and other.owner == "bob"
+        assert 0.9 <= waited < 10, waited  # the timeout, not the holder's lifetime
+        again, new = queue.create("alice", ITEMS, {}, None, None, "h1", max_backlog=100)
+        assert new and again.owner == "alice"  # the lock is free again
+    finally:
+        queue.close()
+
+
 def test_postgres_schema_1_is_migrated_to_the_current_indexes(
     postgres_srv: PostgresServer,
 ) -> None:
@@ -471,14 +522,15 @@ def test_postgres_schema_1_is_migrated_to_the_current_indexes(
     with psycopg.connect(url, autocommit=True) as db:  # as a version-1 database was
         db.execute("DROP INDEX jobs_queued")
         db.execute("DROP INDEX jobs_webhook_due")
+        db.execute("DROP INDEX jobs_owner_active")
         db.execute("DELETE FROM serve_app_schema WHERE version > 1")
     migrated = PostgresJobQueue(url)
     try:
         with psycopg.connect(url, autocommit=True) as db:
             versions = [v for (v,) in db.execute("SELECT version FROM serve_app_schema")]
             indexes = {n for (n,) in db.execute("SELECT indexname FROM pg_indexes")}
-        assert sorted(versions) == [1, 2, 3]
-        assert {"jobs_queued", "jobs_webhook_due"} <= indexes
+        assert sorted(versions) == [1, 2, 3, 4]
+        assert {"jobs_queued", "jobs_webhook_due", "jobs_owner_active"} <= indexes
         job, _ = migrated.create("o", ITEMS, {}, None, None, "h")
         assert migrated.oldest_queued_age(job.created_at + 3) == pytest.approx(3)
     finally:

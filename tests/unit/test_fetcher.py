@@ -103,14 +103,18 @@ MALFORMED = {
 CORRUPT_BECAUSE = {
     "row-number": "not a flat object but int",
     "row-list": "not a flat object but list",
-    "row-list-value": "holding a list or an object",
-    "row-object-value": "holding a list or an object",
+    "row-list-value": "list in 'region'",
+    "row-object-value": "dict in 'age'",
+    "row-empty": "none of the model's entity features",
+    "row-unknown-names": "none of the model's entity features",
 }
 CORRUPT = {
     "row-number": b'{"features": {"row-number": 5, "E1": {"age": 2.0}}}',
     "row-list": b'{"features": {"row-list": [1, 2], "E1": {"age": 2.0}}}',
-    "row-list-value": b'{"features": {"row-list-value": {"region": ["north"]}, "E1": {}}}',
-    "row-object-value": b'{"features": {"row-object-value": {"age": {"x": 1}}, "E1": {}}}',
+    "row-list-value": b'{"features": {"row-list-value": {"region": ["north"]}, "E1": {"age": 1}}}',
+    "row-object-value": b'{"features": {"row-object-value": {"age": {"x": 1}}, "E1": {"age": 1}}}',
+    "row-empty": b'{"features": {"row-empty": {}, "E1": {"age": 1}}}',
+    "row-unknown-names": b'{"features": {"row-unknown-names": {"agee": 1}, "E1": {"age": 1}}}',
 }
 
 

@@ -347,7 +347,8 @@ def test_a_store_outage_is_waited_out_not_stored_as_failed_items(tmp_path: Path)
 
 def test_a_store_down_for_good_ends_the_job_after_its_wait_budget(tmp_path: Path) -> None:
     """Waiting without a bound held the job (its worker slot and its key's quota) for
-    as long as the store was down, or for ever behind one corrupt row."""
+    as long as the store was down (or, before a corrupt row became its own item's
+    failure, for ever behind one)."""
     model = _OutageModel(down_calls=None)
     config = JobsConfig(chunk_size=2, store_wait_max_s=0.02, store_wait_total_s=0.1)
     final, stored = _run_through_outage(tmp_path, model, config)
@@ -396,3 +397,29 @@ def test_a_stop_waits_for_the_claim_in_its_thread_and_gives_that_lease_back(
     assert again is not None and again.id == job.id
     assert again.claims == 1  # the stopped worker's claim is not held against it
     restarted.close()
+
+
+class _CorruptRowModel(_Model):
+    """A Model (on_error: fail) for which E2's stored row is corrupt."""
+
+    async def _score(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        answer = await super()._score(items)
+        invalid = {"error": {"code": "feature_row_invalid", "message": "unusable row"}}
+        answer["results"] = [
+            invalid if item["entity_id"] == "E2" else result
+            for item, result in zip(items, answer["results"], strict=True)
+        ]
+        return answer
+
+
+def test_a_corrupt_row_is_stored_as_its_items_failure_not_waited_out(tmp_path: Path) -> None:
+    """Unlike a store outage, waiting does not mend a corrupt row: E2 fails alone at
+    once, with its code, and the job goes on."""
+    model = _CorruptRowModel()
+    config = JobsConfig(chunk_size=2, store_wait_max_s=30, store_wait_total_s=600)
+    started = time.monotonic()
+    final, stored = _run_through_outage(tmp_path, model, config)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 10  # no store-outage wait (30 s at the first)
+    assert final.state == "succeeded" and (final.done, final.failed) == (3, 1)
+    codes = [r.get("error", {}).get("code") for r in stored]
+    assert codes == [None, "feature_row_invalid", None]
