@@ -199,6 +199,14 @@ class LimitsConfig(_Settings):
     max_batch_items: int = Field(1_000, ge=1, le=100_000)
     max_body_bytes: int = Field(2_000_000, ge=1_024)
     request_timeout_s: float = Field(10.0, gt=0)
+    body_read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="A request body (a job's too) must arrive whole within this, else 408. "
+        "HAProxy's client timeout only counts silence, so a byte a minute held a request "
+        "and its slots for as long as the client liked.",
+    )
     max_queue_delay_s: float = Field(
         0.4,
         gt=0,

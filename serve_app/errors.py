@@ -9,6 +9,7 @@
     │   ├── UnsupportedMediaType 415
     │   ├── InvalidInput        422
     │   ├── PayloadTooLarge     413
+    │   ├── BodyTimeout         408, the body did not arrive in time
     │   ├── Unauthorized        401
     │   ├── NotFound            404 (UnknownEntity is a NotFound)
     │   └── Conflict            409
@@ -76,6 +77,13 @@ class UnsupportedMediaType(ClientError):
 class InvalidInput(ClientError):
     status_code = 422
     code = "invalid_input"
+
+
+class BodyTimeout(ClientError):
+    """The body did not arrive whole within ``limits.body_read_timeout_s``."""
+
+    status_code = 408
+    code = "body_timeout"
 
 
 class PayloadTooLarge(ClientError):

@@ -13,34 +13,46 @@ from typing import Any
 
 from fastapi import Request
 
-from serve_app.errors import InvalidInput, MalformedJson, PayloadTooLarge, UnsupportedMediaType
+from serve_app.errors import (
+    BodyTimeout,
+    InvalidInput,
+    MalformedJson,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from serve_app.streams import read_at_most
 
 # Bodies up to this size are parsed inline (cheaper than a thread hop); larger off-loop.
 PARSE_INLINE_MAX_BYTES = 64 * 1024
 
 
-async def read_json_body(request: Request, max_bytes: int) -> Any:
-    """The parsed JSON body, or a 413 (too large) / 400 (not JSON) / 415 (wrong type)."""
-    raw = await read_body_bytes(request, max_bytes)
+async def read_json_body(request: Request, max_bytes: int, timeout_s: float) -> Any:
+    """The parsed JSON body, or a 413 (too large) / 408 (too slow) / 400 (not JSON) / 415
+    (wrong type)."""
+    raw = await read_body_bytes(request, max_bytes, timeout_s)
     if len(raw) <= PARSE_INLINE_MAX_BYTES:
         return parse_json(raw)
     return await asyncio.to_thread(parse_json, raw)
 
 
-async def read_body_bytes(request: Request, max_bytes: int) -> bytes:
-    """The raw body, or a 413 (too large, declared or streamed) / 415 (wrong type)."""
+async def read_body_bytes(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The raw body, or a 413 (too large, declared or streamed) / 408 (not whole within
+    ``timeout_s``) / 415 (wrong type)."""
     content_type = request.headers.get("content-type", "")
     if content_type and "json" not in content_type.split(";")[0].lower():
         raise UnsupportedMediaType(f"content-type must be application/json, not {content_type!r}")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
-    return await read_at_most(
+    reading = read_at_most(
         request.stream(),
         max_bytes,
         lambda: PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes"),
     )
+    try:
+        return await asyncio.wait_for(reading, timeout_s)
+    except TimeoutError as exc:
+        raise BodyTimeout(f"the body did not arrive whole within {timeout_s:g} s") from exc
 
 
 def parse_json(raw: bytes) -> Any:

@@ -66,11 +66,17 @@ async def admitted(request: Request) -> AsyncIterator[None]:
 
 
 async def json_body(request: Request) -> Any:
-    return await read_json_body(request, _context(request).config.limits.max_body_bytes)
+    config = _context(request).config
+    return await read_json_body(
+        request, config.limits.max_body_bytes, config.limits.body_read_timeout_s
+    )
 
 
 async def job_json_body(request: Request) -> Any:
-    return await read_json_body(request, _context(request).config.jobs.max_body_bytes)
+    config = _context(request).config
+    return await read_json_body(
+        request, config.jobs.max_body_bytes, config.limits.body_read_timeout_s
+    )
 
 
 Owner = Annotated[str, Depends(get_owner)]

@@ -251,8 +251,10 @@ class JobCreator:
 
 async def job_raw_body(request: Request) -> bytes:
     """The job body as bytes, size-bounded while streaming (413), parsed later elsewhere."""
-    max_bytes = request.app.state.api_context.config.jobs.max_body_bytes
-    return await read_body_bytes(request, max_bytes)
+    config = request.app.state.api_context.config
+    return await read_body_bytes(
+        request, config.jobs.max_body_bytes, config.limits.body_read_timeout_s
+    )
 
 
 JobRawBody = Annotated[bytes, Depends(job_raw_body)]

@@ -11,6 +11,12 @@ Ray calls for middlewares placed in front of its own (``RAY_SERVE_HTTP_PROXY_CAL
 set for the replicas by the application's ``runtime_env`` in ``configs/config.yaml``). Then
 Ray's request context, its echo, the replicas' logs and our error bodies all carry the same
 sanitised id, and there is exactly one header.
+
+The same hook drops the headers Ray reads to control a request, which are meant for
+callers inside the cluster, not the public: ``X-Request-Timeout-Seconds: 0`` turned off
+``request_timeout_s`` for that request (so a slow upload held its slots for as long as
+HAProxy's hour of client inactivity), ``X-Request-Disconnect-Disabled`` kept work going
+for callers that had left, and the multiplexing and session ids steer routing.
 """
 
 from __future__ import annotations
@@ -24,6 +30,15 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 HEADER = b"x-request-id"
+# Ray Serve's per-request control headers, compared as Ray does: lower case, "-" as "_".
+_SERVE_CONTROLS = frozenset(
+    {
+        "x_request_timeout_seconds",
+        "x_request_disconnect_disabled",
+        "serve_multiplexed_model_id",
+        "x_session_id",
+    }
+)
 # The value of RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH.
 EDGE_CALLBACK = "serve_app.api.request_id:edge_middlewares"
 
@@ -44,9 +59,14 @@ def request_id_of(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+def _serve_control(name: bytes) -> bool:
+    return name.decode("latin-1").lower().replace("-", "_") in _SERVE_CONTROLS
+
+
 class EdgeRequestIdMiddleware:
     """In front of Ray's own middleware: leave exactly one sane ``X-Request-ID`` header in
-    the request, which Ray then uses everywhere and echoes once."""
+    the request, which Ray then uses everywhere and echoes once, and none of Serve's
+    per-request control headers (module docstring)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -54,6 +74,8 @@ class EdgeRequestIdMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
             headers = scope["headers"]
+            if any(_serve_control(key) for key, _ in headers):
+                headers = scope["headers"] = [(k, v) for k, v in headers if not _serve_control(k)]
             given = [value for key, value in headers if key == HEADER]
             request_id = sanitize(given[0] if given else None)
             if len(given) != 1 or given[0] != request_id.encode("latin-1"):

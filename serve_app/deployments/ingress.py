@@ -79,6 +79,9 @@ app = FastAPI(
     version="0.1.0",
     docs_url=None,  # served from local assets: /docs works without internet
     redoc_url=None,
+    # A trailing slash is a 404, not a 307 to a Location built from the Host header:
+    # anyone could make the service redirect to a host of theirs (and to http://).
+    redirect_slashes=False,
 )
 app.add_middleware(RequestIdMiddleware)
 app.add_middleware(AdmissionMiddleware)  # before routing and auth: a refusal is cheap

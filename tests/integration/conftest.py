@@ -113,6 +113,7 @@ def load_test_config(workdir: Path, port: int) -> dict[str, Any]:
     args = config["applications"][0]["args"]  # local_config made sure it is a dict
     overrides = {
         "jobs.lease_s": 3,  # a killed worker's job is claimed again within seconds
+        "limits.body_read_timeout_s": 12,  # the slow-body test waits this out
         "jobs.chunk_size": 250,
         # receivers on loopback
         "jobs.webhooks.allowed_hosts": [f"127.0.0.1:{port}" for port in WEBHOOK_PORTS],

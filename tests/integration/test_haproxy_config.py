@@ -122,6 +122,45 @@ def test_a_request_stalled_mid_body_gets_408(serve_app: ServeApp) -> None:
     assert 8 <= waited <= 25, waited
 
 
+def test_a_body_trickled_past_the_read_deadline_gets_408_whatever_the_client_asks(
+    serve_app: ServeApp,
+) -> None:
+    """Past HAProxy's buffer (16 KiB) only its client timeout counts, and that is silence
+    (an hour): one byte a second held a request and its slots for as long as the client
+    liked, and ``X-Request-Timeout-Seconds: 0`` switched Serve's request timeout off. The
+    body must arrive whole within limits.body_read_timeout_s (12 s in these tests)."""
+    import select
+
+    body = b'{"items": [' + b" " * 20_000 + b'{"entity_id": "E0000001"}]}'
+    head = (
+        _head(len(body))
+        .replace(b"POST /v1/predict ", b"POST /v1/predict/batch ")
+        .replace(b"\r\n\r\n", b"\r\nX-Request-Timeout-Seconds: 0\r\n\r\n")
+    )
+    answer = b""
+    with _connect(serve_app) as sock:
+        sock.sendall(head + body[:-90])  # HAProxy forwards a full buffer; the rest trickles
+        began = time.monotonic()
+        for byte in body[-90:]:  # 90 s at one byte a second, if nothing stops it
+            if select.select([sock], [], [], 1.0)[0]:
+                break
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:  # the server answered and closed: read what it said
+                break
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        waited = time.monotonic() - began
+    status, _, rest = answer.partition(b"\r\n")
+    print(f"\ntrickled body answered {status!r} after {waited:.1f} s")
+    assert status.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "body_timeout"
+    assert 10 <= waited <= 40, waited
+
+
 def _request_id(i: int) -> str:
     """Every other caller sends a hostile id: quotes and braces that would break a JSON body
     copied in raw, and more than the 64 bytes HAProxy keeps."""

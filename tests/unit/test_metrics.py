@@ -110,6 +110,36 @@ def test_edge_middleware_leaves_exactly_one_sane_request_id(given: list, kept: b
     assert (ids == given) is kept
 
 
+def test_edge_middleware_drops_serve_control_headers_from_the_public() -> None:
+    """``X-Request-Timeout-Seconds: 0`` (or ``-1``, ``nan``) turned Serve's request
+    timeout off for that request; the others steer Serve's own handling and routing."""
+    from ray.serve._private.http_util import (
+        parse_disconnect_disabled_header,
+        parse_request_timeout_header,
+        parse_session_id_header,
+    )
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        pass
+
+    controls = [
+        (b"x-request-timeout-seconds", b"0"),
+        (b"X-Request-Timeout-Seconds", b"-1"),
+        (b"x_request_timeout_seconds", b"nan"),
+        (b"x-request-disconnect-disabled", b"?1"),
+        (b"serve_multiplexed_model_id", b"other-model"),
+        (b"Serve-Multiplexed-Model-Id", b"other-model"),
+        (b"x-session-id", b"pinned"),
+    ]
+    kept = [(b"host", b"x"), (b"authorization", b"Bearer k"), (b"x-request-timeout", b"1")]
+    scope, _ = _run_asgi(EdgeRequestIdMiddleware(app), [*kept, *controls])
+    assert [h for h in scope["headers"] if h[0] != HEADER] == kept
+    headers = dict(scope["headers"])
+    assert parse_request_timeout_header(headers, 30.0) == 30.0  # the operator's timeout
+    assert parse_disconnect_disabled_header(headers) is False
+    assert parse_session_id_header(headers) in ("", None)
+
+
 def test_observability_middleware_adds_server_timing_only_when_a_route_timed() -> None:
     async def timed(scope: dict[str, Any], receive: Any, send: Any) -> None:
         timing = current_timing()

@@ -55,3 +55,21 @@ def test_405_answers_say_which_methods_are_allowed() -> None:
     assert response.status_code == 405
     assert response.headers["Allow"] == "GET"
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_trailing_slash_is_404_never_a_redirect_to_the_callers_host() -> None:
+    """Starlette answered ``POST /v1/predict/`` with 307 and ``Location:
+    http://evil.example/v1/predict`` from the Host header, key or no key."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, follow_redirects=False) as client:
+        for method, path in [
+            ("POST", "/v1/predict/"),
+            ("GET", "/healthz/"),
+            ("GET", "/v1/jobs/abc/"),
+        ]:
+            response = client.request(method, path, headers={"Host": "evil.example"})
+            assert response.status_code == 404, (path, response.status_code)
+            assert "location" not in response.headers, path
+            assert "evil.example" not in response.text
+            assert response.json()["error"]["code"] == "not_found"
