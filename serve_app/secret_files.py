@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import stat
 from pathlib import Path
 
 WEBHOOK_SECRET_PREFIX = "whsec_"
@@ -51,9 +52,17 @@ def append_key(path: Path, key_id: str) -> str:
     line = f"{key_id}:{key}\n"
     if write_secret_file(path, "# serve_app API keys, one a line: KEY or NAME:KEY\n" + line):
         return key
-    with path.open("a+b") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() > 0:  # a file written without a last newline (printf, kubectl)
+    # Not through a symlink (it could point anywhere this user may write), only to a file
+    # of ours, and left 0600 whatever mode it had: a new key must never land in a file
+    # others can read.
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
+    with os.fdopen(fd, "r+b") as handle:
+        held = os.fstat(fd)
+        if not stat.S_ISREG(held.st_mode) or held.st_uid != os.geteuid():
+            raise PermissionError(f"{path} is not a regular file of this user: no key added")
+        if held.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        if held.st_size > 0:  # a file written without a last newline (printf, kubectl)
             handle.seek(-1, os.SEEK_END)
             if handle.read(1) != b"\n":
                 line = "\n" + line  # else the new line would extend the last key

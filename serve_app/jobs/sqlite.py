@@ -22,6 +22,7 @@ error.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -110,6 +111,23 @@ PURGE_BATCH = 500
 _ERROR_REF = "#"  # a refused item's result points at its job's distinct error: "#3"
 
 
+def _owner_only(path: Path) -> None:
+    """Create the database file 0600 (SQLite gives its -wal and -shm the same mode), or
+    take a file of ours that others could read down to 0600: it holds callers' items,
+    results, key names and callback URLs, which may carry tokens. SQLite itself creates
+    files with the umask's mode (0644 here)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            try:
+                held = name.stat()
+            except FileNotFoundError:
+                continue
+            if held.st_mode & 0o077 and held.st_uid == os.geteuid():
+                name.chmod(0o600)
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -121,6 +139,7 @@ class SQLiteJobQueue:
         self.path = path
         self.busy_timeout_s = busy_timeout_s
         path.parent.mkdir(parents=True, exist_ok=True)
+        _owner_only(path)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)

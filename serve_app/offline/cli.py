@@ -44,7 +44,11 @@ def _keygen(args: argparse.Namespace) -> int:
     if args.id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.id):
         print("--id: 1-64 letters, digits, '_', '.' or '-'", file=sys.stderr)
         return 2
-    key = write_key_file(path) if args.id is None else append_key(path, args.id)
+    try:
+        key = write_key_file(path) if args.id is None else append_key(path, args.id)
+    except OSError as exc:  # a symlink (ELOOP), another user's file, ...
+        print(f"{path}: {exc.strerror or exc}; no key added", file=sys.stderr)
+        return 1
     if key is None:
         print(f"{path} exists; keeping its keys", file=sys.stderr)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +77,9 @@ def write_sqlite_store(path: Path, entities: pd.DataFrame) -> None:
     )
     frame = entities.astype(object).where(entities.notna(), None)
     rows = list(frame.itertuples(index=True, name=None))
+    # 0600, not the umask's 0644: per-entity features (income, credit score) may be
+    # personal data. The image makes its copy readable to its service user on purpose.
+    os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     with sqlite3.connect(staging) as connection:
         connection.execute(f"CREATE TABLE entities (entity_id TEXT PRIMARY KEY, {columns})")
         marks = ",".join("?" * (len(ENTITY_FEATURES) + 1))

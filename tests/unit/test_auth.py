@@ -159,6 +159,29 @@ def test_adding_a_key_to_a_file_without_a_last_newline_keeps_the_last_key(
     assert "\n\n" not in keys_file.read_text()
 
 
+def test_adding_a_key_never_lands_in_a_readable_or_symlinked_file(tmp_path: Path) -> None:
+    """keygen --id appended to a 0644 file (and said "mode 0600"), and followed a
+    symlink to wherever it pointed."""
+    import os
+    import stat
+
+    loose = tmp_path / "loose"
+    loose.write_text(f"{KEY_A}\n")
+    loose.chmod(0o644)
+    added = append_key(loose, "alice")
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o600
+    assert loose.read_text() == f"{KEY_A}\nalice:{added}\n"
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("not a key file\n")
+    linked = tmp_path / "linked"
+    linked.symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        append_key(linked, "mallory")
+    assert elsewhere.read_text() == "not a key file\n"
+    assert os.path.islink(linked)
+
+
 def test_named_keys_own_jobs_by_name_so_rotation_keeps_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

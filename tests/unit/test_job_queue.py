@@ -292,3 +292,36 @@ class _Entered:
 
     def __exit__(self, *exc: object) -> Any:
         return self.context.__exit__(*exc)
+
+
+def test_the_queue_and_store_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    """SQLite creates files with the umask's mode (0644): every local user could read the
+    callers' items, results, key names and callback URLs (tokens in query strings)."""
+    import os
+    import sqlite3
+    import stat
+
+    import pandas as pd
+
+    from serve_app.scoring.features import ENTITY_FEATURES
+    from serve_app.stores.sqlite import write_sqlite_store
+
+    fresh = SQLiteJobQueue(tmp_path / "fresh.db")
+    fresh.create("o", [{"entity_id": "E1", "context": {}}], {}, "https://x/?token=t", None, "h")
+    with sqlite3.connect(tmp_path / "fresh.db") as reader:  # -wal and -shm live while open
+        assert reader.execute("SELECT count(*) FROM jobs").fetchone() == (1,)
+        for suffix in ("", "-wal", "-shm"):
+            mode = stat.S_IMODE(os.stat(f"{tmp_path / 'fresh.db'}{suffix}").st_mode)
+            assert mode == 0o600, (suffix, oct(mode))
+    reader.close()
+    old = tmp_path / "old.db"
+    SQLiteJobQueue(old).close()
+    for name in (old, tmp_path / "old.db-wal", tmp_path / "old.db-shm"):
+        if name.exists():
+            name.chmod(0o644)  # as an earlier version left it
+    SQLiteJobQueue(old)
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
+    store = tmp_path / "features.db"
+    row = {name: [1.0 if name == "age" else None] for name in ENTITY_FEATURES}
+    write_sqlite_store(store, pd.DataFrame(row, index=pd.Index(["E1"], name="entity_id")))
+    assert stat.S_IMODE(store.stat().st_mode) == 0o600
