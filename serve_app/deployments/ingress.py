@@ -59,7 +59,7 @@ from serve_app.api.schemas import (
     PredictResponse,
 )
 from serve_app.api.validation import check_item_count, parse_body, parse_item, parse_items
-from serve_app.cache import PredictionCache, SharedPredictionCache
+from serve_app.cache import PredictionCache, SharedPredictionCache, SingleFlightCache
 from serve_app.config import AppConfig, IngressTuning, PredictionCacheConfig, expand_env
 from serve_app.errors import Conflict, InvalidInput, NotFound, Overloaded, ServiceError
 from serve_app.gc_tuning import tune_gc
@@ -72,6 +72,7 @@ from serve_app.scoring.coalescer import Coalescer
 from serve_app.scoring.items import Item, ItemResult, ModelAnswer, item_key
 
 logger = logging.getLogger("serve_app.ingress")
+READINESS_TTL_S = 1.0
 
 app = FastAPI(
     title="serve_app",
@@ -187,6 +188,11 @@ class Ingress:
         cache = self._config.prediction_cache
         self._answers = Answers(_prediction_cache(cache))
         self._background: set[asyncio.Task[None]] = set()
+        # /readyz is open: at most one check (a Model call, a FeatureFetcher call and a
+        # store ping) per replica a second however often anyone asks, shared by callers.
+        self._readiness: SingleFlightCache[str, dict[str, Any]] = SingleFlightCache(
+            maxsize=1, ttl_s=READINESS_TTL_S
+        )
         tuning = IngressTuning()
         # Entries are (items, request id): one item for /v1/predict, a request's cache
         # misses for /v1/predict/batch; calls carry up to coalesce_max_batch_size items.
@@ -328,7 +334,15 @@ class Ingress:
 
     @app.get("/readyz", tags=["health"], responses={503: {"model": ErrorResponse}})
     async def readyz(self) -> JSONResponse:
-        """Readiness: the model is loaded and the feature store answers. Open."""
+        """Readiness: the model is loaded and the feature store answers. Open, so checked
+        at most once a second per replica (``READINESS_TTL_S``)."""
+        found, _ = await self._readiness.get_many(["readyz"], self._check_ready)
+        body = found["readyz"]
+        ready = body["status"] == "ready"
+        headers = {} if ready else {"Retry-After": "2"}
+        return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
+
+    async def _check_ready(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         try:
             metadata, store_ok = await asyncio.wait_for(
                 asyncio.gather(self._model.metadata.remote(), self._fetcher.ping.remote()), 5.0
@@ -343,8 +357,7 @@ class Ingress:
             "model_version": metadata["version"] if metadata else None,
             "store_reachable": store_ok,
         }
-        headers = {} if ready else {"Retry-After": "2"}
-        return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
+        return dict.fromkeys(keys, body)
 
     # ---- scoring ---------------------------------------------------------------------
 

@@ -37,8 +37,8 @@ def test_store_outage_gives_degraded_answers_then_recovers(serve_app: ServeApp) 
         ).json()["results"]
         assert mixed[0]["ok"] is False and mixed[0]["error"]["code"] == "unknown_entity"
         assert mixed[1]["ok"] and mixed[1]["degraded"]
-        ready = httpx.get(f"{serve_app.base_url}/readyz")
-        assert ready.status_code == 503 and ready.json()["store_reachable"] is False
+        ready = _readyz_once_it_is(serve_app, 503)  # a replica rechecks once a second
+        assert ready.json()["store_reachable"] is False
         assert ready.headers["Retry-After"]
         # degraded answers are not cached: they must not outlive the outage. The cache is
         # per Ingress replica: as many calls as replicas, so that (were it cached) at
@@ -52,7 +52,18 @@ def test_store_outage_gives_degraded_answers_then_recovers(serve_app: ServeApp) 
     for _ in range(replicas):  # no replica serves a degraded answer from its cache
         recovered = serve_app.client.post("/v1/predict", json={"entity_id": "E0070000"}).json()
         assert recovered["degraded"] is False, recovered
-    assert httpx.get(f"{serve_app.base_url}/readyz").status_code == 200
+    _readyz_once_it_is(serve_app, 200)
+
+
+def _readyz_once_it_is(serve_app: ServeApp, status: int, within_s: float = 5.0) -> Any:
+    """/readyz's answer once it has ``status``: each replica reuses its check for 1 s."""
+    deadline = time.monotonic() + within_s
+    while True:
+        ready = httpx.get(f"{serve_app.base_url}/readyz")
+        if ready.status_code == status or time.monotonic() > deadline:
+            assert ready.status_code == status, ready.text
+            return ready
+        time.sleep(0.2)
 
 
 def _set_model_tuning(max_batch_size: int, wait_s: float) -> Any:
