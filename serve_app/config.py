@@ -311,6 +311,14 @@ class JobsConfig(_Settings):
         ge=1,
         description="Items one API key may have waiting in the queue; past it 429.",
     )
+    max_retained_items_per_key: int = Field(
+        10_000_000,
+        ge=1,
+        description="Items (valid or refused) of one API key's jobs kept in the queue's "
+        "database, finished ones included until result_ttl_s purges them; past it 429. "
+        "The queued-items cap alone let a key store without bound: a job of refused items "
+        "queues nothing, yet keeps a result row per item for a week.",
+    )
     chunk_size: int = Field(500, ge=1, le=10_000, description="Items per Model call.")
     lease_s: float = Field(
         10.0,
@@ -343,6 +351,12 @@ class JobsConfig(_Settings):
     result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="Then results are purged.")
     results_page_max: int = Field(1_000, ge=1)
     webhooks: WebhookConfig = WebhookConfig()
+
+    @model_validator(mode="after")
+    def _a_whole_job_fits_what_a_key_may_keep(self) -> JobsConfig:
+        if self.max_retained_items_per_key < self.max_items:
+            raise ValueError("max_retained_items_per_key is less than max_items")
+        return self
 
     @field_validator("queue_url")
     @classmethod

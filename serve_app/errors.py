@@ -21,6 +21,7 @@
         ├── JobWorkerLost       503, the process parsing a large job body died
         ├── CallbackLookupUnavailable 503, a job's callback host cannot be looked up now
         └── TooManyRequests     429, this API key's share of the job queue is in use
+            └── RetainedItemsFull 429, its kept jobs hold too many items (Retry-After 1 h)
 
 Every error has a stable machine-readable ``code``; the ingress turns any of them into
 ``{"error": {"code", "message", "details"}}`` with the right status.
@@ -167,6 +168,13 @@ class TooManyRequests(ServiceError):
     status_code = 429
     code = "too_many_requests"
     retry_after_s = 5
+
+
+class RetainedItemsFull(TooManyRequests):
+    """429 for a key whose kept jobs hold too many items: room comes back only as finished
+    jobs are purged (``jobs.result_ttl_s``), so a retry in seconds would not help."""
+
+    retry_after_s = 3600
 
 
 def _rebuild(cls: type[ServeAppError], message: str, details: Any) -> ServeAppError:

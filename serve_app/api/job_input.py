@@ -27,7 +27,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from serve_app.api.body import parse_json, read_body_bytes
-from serve_app.api.quotas import check_job_size, queue_full
+from serve_app.api.quotas import check_job_size, queue_full, storage_full
 from serve_app.api.schemas import JobRequest
 from serve_app.api.validation import check_item_count, parse_body, parse_item
 from serve_app.config import JobsConfig
@@ -38,7 +38,14 @@ from serve_app.errors import (
     JobWorkerLost,
     JobWorkersBusy,
 )
-from serve_app.jobs import BacklogFull, IdempotencyConflict, Job, JobQueue, open_job_queue
+from serve_app.jobs import (
+    BacklogFull,
+    IdempotencyConflict,
+    Job,
+    JobQueue,
+    RetainedFull,
+    open_job_queue,
+)
 from serve_app.jobs.webhooks import CallbackRefused, check_callback_url
 from serve_app.scoring.items import Item
 
@@ -142,11 +149,15 @@ def create_job(
             idempotency_key,
             prepared.body_hash,
             max_backlog=limit,
+            max_retained=jobs.max_retained_items_per_key,
         )
     except IdempotencyConflict as exc:
         raise _reused_key() from exc
     except BacklogFull as full:
         raise queue_full(full.backlog, valid, limit) from full
+    except RetainedFull as full:
+        retained_limit = jobs.max_retained_items_per_key
+        raise storage_full(full.retained, len(prepared.items), retained_limit) from full
 
 
 def _reused_key() -> Conflict:

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from serve_app.api.deps import Owner
-from serve_app.errors import InvalidInput, Overloaded, TooManyRequests
+from serve_app.errors import InvalidInput, Overloaded, RetainedItemsFull, TooManyRequests
 
 
 class CreationSlots:
@@ -100,6 +100,15 @@ def check_job_size(new_items: int, limit: int) -> None:
             f"at all ({limit}): split it into smaller jobs",
             [{"type": "job_larger_than_queue_quota", "limit": limit, "items": new_items}],
         )
+
+
+def storage_full(retained: int, new_items: int, limit: int) -> RetainedItemsFull:
+    """The 429 for a key whose kept jobs hold too many items."""
+    return RetainedItemsFull(
+        f"this API key's jobs still hold {retained} items; {new_items} more would exceed "
+        f"its limit of {limit}. Finished jobs are purged after the result retention time",
+        [{"type": "too_many_retained_items", "limit": limit, "retained": retained}],
+    )
 
 
 def queue_full(backlog: int, new_items: int, limit: int) -> TooManyRequests:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from serve_app.config import QUEUE_SCHEMES, expand_env, sqlite_path, url_scheme
 from serve_app.errors import ConfigError
-from serve_app.jobs.queue import BacklogFull, IdempotencyConflict, Job, JobQueue
+from serve_app.jobs.queue import BacklogFull, IdempotencyConflict, Job, JobQueue, RetainedFull
 from serve_app.jobs.sqlite import SQLiteJobQueue
 
 
@@ -30,4 +30,11 @@ def open_job_queue(url: str) -> JobQueue:
     return PostgresJobQueue(url)
 
 
-__all__ = ["BacklogFull", "IdempotencyConflict", "Job", "JobQueue", "open_job_queue"]
+__all__ = [
+    "BacklogFull",
+    "IdempotencyConflict",
+    "Job",
+    "JobQueue",
+    "RetainedFull",
+    "open_job_queue",
+]

@@ -31,7 +31,14 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from serve_app.errors import QueueBusy
-from serve_app.jobs.queue import IdempotencyConflict, Job, check_room, decode_item, is_job_id
+from serve_app.jobs.queue import (
+    IdempotencyConflict,
+    Job,
+    check_retained,
+    check_room,
+    decode_item,
+    is_job_id,
+)
 
 SCHEMA_VERSION = 4
 _MIGRATION_LOCK = 0x5E27E_A99  # pg_advisory_xact_lock key: one migrator at a time
@@ -122,6 +129,13 @@ _JOB_COLUMNS = (
 )
 
 
+def _retained(db: psycopg.Connection[Any], owner: str) -> int:
+    """Items of every job of ``owner`` still kept (index jobs_idempotency: owner first)."""
+    row = db.execute("SELECT COALESCE(SUM(total), 0) FROM jobs WHERE owner = %s", (owner,))
+    found = row.fetchone()
+    return int(found[0]) if found else 0
+
+
 def _backlog(db: psycopg.Connection[Any], owner: str) -> int:
     row = db.execute(BACKLOG_SQL, (owner,)).fetchone()
     return int(row[0]) if row else 0
@@ -181,6 +195,7 @@ class PostgresJobQueue:
         idempotency_key: str | None,
         body_hash: str,
         max_backlog: int | None = None,
+        max_retained: int | None = None,
     ) -> tuple[Job, bool]:
         """Enqueue a job; return it and whether it is new (see :meth:`JobQueue.create`).
 
@@ -191,7 +206,7 @@ class PostgresJobQueue:
         now = time.time()
         job_id = uuid.uuid4().hex
         with self._connect() as db, db.transaction():
-            if max_backlog is not None:
+            if max_backlog is not None or max_retained is not None:
                 # READ COMMITTED whatever the database's default: the backlog read after
                 # the lock wait must see the creations committed during it (a REPEATABLE
                 # READ snapshot, taken at the lock statement, let all eight through).
@@ -205,7 +220,10 @@ class PostgresJobQueue:
                 earlier = self._earlier(db, owner, idempotency_key, body_hash)
                 if earlier is not None:
                     return earlier, False
-                check_room(_backlog(db, owner), len(items) - len(rejected), max_backlog)
+                if max_backlog is not None:
+                    check_room(_backlog(db, owner), len(items) - len(rejected), max_backlog)
+                if max_retained is not None:
+                    check_retained(_retained(db, owner), len(items), max_retained)
             inserted = db.execute(
                 "INSERT INTO jobs (id, owner, state, total, done, failed, idempotency_key,"
                 " body_hash, callback_url, created_at)"

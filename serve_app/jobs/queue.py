@@ -98,10 +98,24 @@ class BacklogFull(Exception):
         self.backlog = backlog
 
 
+class RetainedFull(Exception):
+    """The owner's retained items plus this job's would pass ``max_retained``."""
+
+    def __init__(self, retained: int) -> None:
+        super().__init__(f"{retained} items already retained")
+        self.retained = retained
+
+
 def check_room(backlog: int, new_items: int, max_backlog: int) -> None:
     """``BacklogFull`` unless ``new_items`` fit next to ``backlog`` within ``max_backlog``."""
     if backlog + new_items > max_backlog:
         raise BacklogFull(backlog)
+
+
+def check_retained(retained: int, new_items: int, max_retained: int) -> None:
+    """``RetainedFull`` unless ``new_items`` fit next to ``retained`` within the cap."""
+    if retained + new_items > max_retained:
+        raise RetainedFull(retained)
 
 
 class JobQueue(Protocol):
@@ -116,11 +130,14 @@ class JobQueue(Protocol):
         idempotency_key: str | None,
         body_hash: str,
         max_backlog: int | None = None,
+        max_retained: int | None = None,
     ) -> tuple[Job, bool]:
         """Enqueue a job; return it and whether it is new (a resend of ``idempotency_key``
-        returns the earlier job, whatever the backlog). ``BacklogFull`` when the owner's
-        items not yet done plus this job's valid items would pass ``max_backlog``: checked
-        in the insert's own transaction, so concurrent creations cannot pass it together."""
+        returns the earlier job, whatever the caps). ``BacklogFull`` when the owner's
+        items not yet done plus this job's valid items would pass ``max_backlog``;
+        ``RetainedFull`` when all the items of the owner's jobs still kept plus this job's
+        would pass ``max_retained``. Checked in the insert's own transaction, so
+        concurrent creations cannot pass them together."""
         ...
 
     def get(self, job_id: str, owner: str) -> Job | None: ...

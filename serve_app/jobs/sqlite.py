@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.errors import QueueBusy
-from serve_app.jobs.queue import IdempotencyConflict, Job, check_room, decode_item, is_job_id
+from serve_app.jobs.queue import (
+    IdempotencyConflict,
+    Job,
+    check_retained,
+    check_room,
+    decode_item,
+    is_job_id,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -192,6 +199,7 @@ class SQLiteJobQueue:
         idempotency_key: str | None,
         body_hash: str,
         max_backlog: int | None = None,
+        max_retained: int | None = None,
     ) -> tuple[Job, bool]:
         """Enqueue a job; return it and whether it is new (see :meth:`JobQueue.create`).
 
@@ -213,6 +221,8 @@ class SQLiteJobQueue:
                     return job, False
             if max_backlog is not None:
                 check_room(_backlog(db, owner), len(items) - len(rejected), max_backlog)
+            if max_retained is not None:
+                check_retained(_retained(db, owner), len(items), max_retained)
             job_id = uuid.uuid4().hex
             db.execute(
                 "INSERT INTO jobs (id, owner, state, total, failed, idempotency_key, body_hash,"
@@ -517,6 +527,12 @@ class SQLiteJobQueue:
 
     def close(self) -> None:
         """Nothing to release: a connection lives for one call."""
+
+
+def _retained(db: sqlite3.Connection, owner: str) -> int:
+    """Items of every job of ``owner`` still kept (index jobs_idempotency: owner first)."""
+    row = db.execute("SELECT COALESCE(SUM(total), 0) FROM jobs WHERE owner = ?", (owner,))
+    return int(row.fetchone()[0])
 
 
 def _backlog(db: sqlite3.Connection, owner: str) -> int:

@@ -16,7 +16,13 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from serve_app.jobs import BacklogFull, IdempotencyConflict, JobQueue, open_job_queue
+from serve_app.jobs import (
+    BacklogFull,
+    IdempotencyConflict,
+    JobQueue,
+    RetainedFull,
+    open_job_queue,
+)
 from serve_app.jobs.postgres import PostgresJobQueue
 from serve_app.jobs.sqlite import SQLiteJobQueue
 from tests.services import PostgresServer
@@ -344,6 +350,37 @@ def test_a_full_backlog_refuses_new_jobs_but_returns_a_resent_one(queue: JobQueu
         queue.create("alice", ITEMS, {}, None, "k1", "other body", max_backlog=5)
     queue.create("bob", ITEMS, {}, None, "k2", "h2", max_backlog=5)  # a key of its own
     assert queue.owner_backlog("alice") == 5 and queue.owner_backlog("bob") == 5
+
+
+def test_kept_jobs_count_against_the_retained_cap_refused_items_and_finished_too(
+    queue: JobQueue,
+) -> None:
+    """A job of refused items queues nothing (the backlog stays 0) yet keeps a row per
+    item for result_ttl_s: the queued-items cap alone let one key store without bound."""
+    refused = {i: {"error": {"code": "invalid_input"}} for i in range(4)}
+    queue.create("alice", [None] * 4, refused, None, None, "h1", max_backlog=1, max_retained=10)
+    assert queue.owner_backlog("alice") == 0
+    job, _ = queue.create("alice", ITEMS, {}, None, None, "h2", max_backlog=5, max_retained=10)
+    claimed = [queue.claim("w", 30), queue.claim("w", 30)]  # the refused job first
+    assert {c.id for c in claimed if c is not None} >= {job.id}
+    queue.save_results(job.id, "w", 30, [(i, {"score": 0.5}) for i in range(5)])
+    assert queue.finish(job.id, "w", "succeeded", None, 30, 3600)  # finished, still kept
+    with pytest.raises(RetainedFull) as full:
+        queue.create("alice", ITEMS[:2], {}, None, None, "h3", max_retained=10)
+    assert full.value.retained == 9
+    queue.create("alice", ITEMS[:1], {}, None, None, "h4", max_retained=10)  # exactly fits
+    queue.create("bob", ITEMS, {}, None, None, "h5", max_retained=10)  # a key of its own
+
+
+def test_a_refused_storage_quota_is_a_429_for_an_hour() -> None:
+    """The error crosses from the parsing process pickled: its Retry-After must too."""
+    import pickle
+
+    from serve_app.api.quotas import storage_full
+
+    refused = pickle.loads(pickle.dumps(storage_full(9, 2, 10)))
+    assert refused.status_code == 429 and refused.retry_after_s == 3600
+    assert refused.details == [{"type": "too_many_retained_items", "limit": 10, "retained": 9}]
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "postgresql-repeatable-read"])

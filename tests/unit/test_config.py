@@ -208,3 +208,14 @@ def test_an_unset_variable_is_named_without_the_rest_of_the_url() -> None:
     with pytest.raises(ValueError, match="SERVE_APP_TEST_UNSET") as caught:
         expand_env("postgresql://u:hunter2@${SERVE_APP_TEST_UNSET}/db")
     assert "hunter2" not in str(caught.value)
+
+
+def test_a_key_may_keep_at_least_one_whole_job() -> None:
+    """Otherwise a job of max_items would get a 429 "retry in an hour" for ever."""
+    from pydantic import ValidationError
+
+    from serve_app.config import JobsConfig
+
+    with pytest.raises(ValidationError, match="max_retained_items_per_key"):
+        JobsConfig(max_items=100, max_retained_items_per_key=50)
+    assert JobsConfig(max_items=100, max_retained_items_per_key=100)
