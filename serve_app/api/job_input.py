@@ -120,7 +120,7 @@ def create_job(
     prepared = prepare_job(parse_json(raw), jobs.max_items, raw)
     if prepared.callback_url is not None:
         try:
-            check_callback_url(prepared.callback_url, jobs.webhooks)
+            check_callback_url(prepared.callback_url, jobs.webhooks, owner=owner)
         except CallbackRefused as refused:
             if refused.temporary:
                 raise CallbackLookupUnavailable(refused.message, refused.details) from refused

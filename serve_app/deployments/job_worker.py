@@ -351,7 +351,9 @@ class JobWorker:
                 secret = self._secret
                 if config.secret_per_key:  # each key's own: one tenant cannot forge another's
                     secret = owner_secret(secret, job.owner)
-                attempt = await deliver(job.callback_url, secret, f"msg_{job.id}", body, config)
+                attempt = await deliver(
+                    job.callback_url, secret, f"msg_{job.id}", body, config, owner=job.owner
+                )
             except Exception:  # deliver() classifies its own failures; this is a bug guard
                 logger.exception("job %s: webhook attempt failed unexpectedly", job.id)
                 attempt = Attempt(False, True, "internal_error")

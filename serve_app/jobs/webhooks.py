@@ -40,6 +40,7 @@ import random
 import socket
 import ssl
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,8 +66,12 @@ SECRET_BYTES = (24, 64)  # the Standard Webhooks spec's bounds for a secret
 # getaddrinfo cannot be cancelled and a hostile name server may never answer: on the
 # replica's shared thread pool (5 threads for a replica under 1 CPU) a few such look-ups
 # held every thread, and lease renewals and claims queued behind them. When every look-up
-# thread is stuck the next one is refused at once (retryable), never queued.
-DNS_THREADS = 4
+# thread is stuck the next one is refused at once (retryable), never queued. One API key
+# (its callbacks' names, its name server) may hold at most DNS_THREADS_PER_OWNER of them:
+# one key's hung name server filled the pool, and every other key's submissions with a
+# callback got 503 and their deliveries were postponed.
+DNS_THREADS = 8
+DNS_THREADS_PER_OWNER = 2
 DNS_TIMEOUT_S = 3.0
 
 
@@ -165,28 +170,36 @@ def system_resolver(host: str, port: int) -> list[str]:
 
 
 class _Lookups:
-    """The look-up pool and how many of its threads are taken (a lock: callers are the
-    threads of a replica, or of a job-parsing process)."""
+    """The look-up pool and how many of its threads are taken, in all and per owner (a
+    lock: callers are the threads of a replica, or of a job-parsing process)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.busy = 0
+        self.by_owner: Counter[str] = Counter()
         self.pool: ThreadPoolExecutor | None = None
 
-    def start(self, resolver: Resolver, host: str) -> Future[Sequence[str]] | None:
+    def start(self, resolver: Resolver, host: str, owner: str) -> Future[Sequence[str]] | str:
+        """The look-up's future, or why it was not started."""
         with self.lock:
+            if self.by_owner[owner] >= DNS_THREADS_PER_OWNER:
+                return "this key's earlier look-ups are still running"
             if self.busy >= DNS_THREADS:
-                return None
+                return "every look-up thread is busy"
             self.busy += 1
+            self.by_owner[owner] += 1
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="callback-dns")
         future = self.pool.submit(resolver, host, 0)
-        future.add_done_callback(self._done)
+        future.add_done_callback(lambda _: self._done(owner))
         return future
 
-    def _done(self, _future: Future[Sequence[str]]) -> None:
+    def _done(self, owner: str) -> None:
         with self.lock:
             self.busy -= 1
+            self.by_owner[owner] -= 1
+            if self.by_owner[owner] <= 0:
+                del self.by_owner[owner]
 
 
 _LOOKUPS = _Lookups()
@@ -207,11 +220,12 @@ def _temporarily_unresolved(host: str, why: str, category: str = "dns_error") ->
     )
 
 
-def lookup(host: str, resolver: Resolver) -> Sequence[str]:
-    """``resolver(host)``, on the look-up pool, waited for at most :data:`DNS_TIMEOUT_S`."""
-    future = _LOOKUPS.start(resolver, host)
-    if future is None:
-        raise _temporarily_unresolved(host, "every look-up thread is busy", LOOKUPS_BUSY)
+def lookup(host: str, resolver: Resolver, owner: str = "") -> Sequence[str]:
+    """``resolver(host)``, on the look-up pool, waited for at most :data:`DNS_TIMEOUT_S`;
+    ``owner`` (the API key's id) bounds how many threads one key's look-ups may hold."""
+    future = _LOOKUPS.start(resolver, host, owner)
+    if isinstance(future, str):
+        raise _temporarily_unresolved(host, future, LOOKUPS_BUSY)
     try:
         return future.result(timeout=DNS_TIMEOUT_S)
     except TimeoutError as exc:  # the thread goes on; its slot frees when it ends
@@ -266,19 +280,20 @@ def parse_callback_url(url: str, config: WebhookConfig) -> CallbackTarget:
 
 
 def check_callback_url(
-    url: str, config: WebhookConfig, resolver: Resolver = system_resolver
+    url: str, config: WebhookConfig, resolver: Resolver = system_resolver, owner: str = ""
 ) -> CallbackTarget:
     """Resolve and check a callback URL; the target carries the addresses to connect to.
 
     Called at submission (a refusal is a 422) and at every delivery attempt, whose
-    connection then goes to exactly these addresses.
+    connection then goes to exactly these addresses. ``owner``: the job's key (look-ups
+    per key are bounded).
     """
     target = parse_callback_url(url, config)
     try:
         addresses = [ipaddress.ip_address(target.host)]
     except ValueError:
         try:
-            found = lookup(target.host, resolver)
+            found = lookup(target.host, resolver, owner)
             addresses = [ipaddress.ip_address(a.split("%")[0]) for a in found]
         except CallbackRefused:
             raise
@@ -386,12 +401,13 @@ async def deliver(
     body: str,
     config: WebhookConfig,
     resolver: Resolver = system_resolver,
+    owner: str = "",
 ) -> Attempt:
     """One attempt, within ``config.timeout_s`` all told; every failure becomes a category."""
+    headers = sign(secret, webhook_id, body)
     try:
         status = await asyncio.wait_for(
-            _resolve_and_post(url, sign(secret, webhook_id, body), body, config, resolver),
-            config.timeout_s,
+            _resolve_and_post(url, headers, body, config, resolver, owner), config.timeout_s
         )
     except Exception as exc:  # every failure is an attempt, with a short category
         category, retryable = classify(exc)
@@ -403,9 +419,14 @@ async def deliver(
 
 
 async def _resolve_and_post(
-    url: str, headers: dict[str, str], body: str, config: WebhookConfig, resolver: Resolver
+    url: str,
+    headers: dict[str, str],
+    body: str,
+    config: WebhookConfig,
+    resolver: Resolver,
+    owner: str,
 ) -> int:
-    target = await asyncio.to_thread(check_callback_url, url, config, resolver)
+    target = await asyncio.to_thread(check_callback_url, url, config, resolver, owner)
     return await _post_pinned(target, headers, body, config)
 
 

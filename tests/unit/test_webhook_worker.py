@@ -147,7 +147,8 @@ def test_a_delivery_refused_by_our_own_full_look_up_pool_is_not_an_attempt(
     used up by instant refusals, dead within two minutes."""
     from serve_app.jobs import webhooks
 
-    monkeypatch.setattr(webhooks._LOOKUPS, "start", lambda resolver, host: None)  # all busy
+    busy = "every look-up thread is busy"
+    monkeypatch.setattr(webhooks._LOOKUPS, "start", lambda resolver, host, owner: busy)
     queue = SQLiteJobQueue(tmp_path / "jobs.db")
     job_id = finished_job(queue, "https://hooks.example.com/x", lease_s=30)
     before = time.time()

@@ -459,3 +459,36 @@ def test_the_cli_prints_a_keys_webhook_secret(
     assert main(["webhook-secret"]) == 0
     assert capsys.readouterr().out.strip() == owner_secret(SECRET, "id:alice")
     assert main(["webhook-secret", "--id", "no such/name"]) == 2
+
+
+def test_one_keys_hung_name_server_leaves_the_others_their_look_ups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Four submissions of one key whose callback names hang filled the whole pool: every
+    other key's submission with a callback was a 503 and its deliveries postponed. Now a
+    key holds at most DNS_THREADS_PER_OWNER threads; the others still resolve at once."""
+    monkeypatch.setattr(webhooks, "DNS_TIMEOUT_S", 0.2, raising=False)
+    release = threading.Event()
+
+    def resolver(host: str, port: int) -> list[str]:
+        if host.endswith(".blackhole.example"):
+            release.wait(30)
+        return ["93.184.216.34"]
+
+    config = WebhookConfig()
+    refusals: list[str] = []
+    try:
+        for i in range(webhooks.DNS_THREADS):  # mallory tries to take every thread
+            with pytest.raises(webhooks.CallbackRefused) as refused:
+                url = f"https://n{i}.blackhole.example/hook"
+                check_callback_url(url, config, resolver, owner="mallory")
+            assert refused.value.temporary
+            refusals.append(refused.value.message)
+        for owner in ("alice", "bob"):
+            target = check_callback_url("https://hooks.example.com/x", config, resolver, owner)
+            assert [str(a) for a in target.addresses] == ["93.184.216.34"]
+    finally:
+        release.set()
+    held = webhooks.DNS_THREADS_PER_OWNER
+    assert all("no answer within" in message for message in refusals[:held])
+    assert all("still running" in message for message in refusals[held:]), refusals
