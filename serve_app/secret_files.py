@@ -53,15 +53,16 @@ def append_key(path: Path, key_id: str) -> str:
     if write_secret_file(path, "# serve_app API keys, one a line: KEY or NAME:KEY\n" + line):
         return key
     # Not through a symlink (it could point anywhere this user may write), only to a file
-    # of ours, and left 0600 whatever mode it had: a new key must never land in a file
-    # others can read.
+    # of ours, and never readable by others whatever mode it had: a new key must not land
+    # in a world-readable file. Group bits are kept (a 0640 file read by the service's
+    # group is a deliberate set-up).
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
     with os.fdopen(fd, "r+b") as handle:
         held = os.fstat(fd)
         if not stat.S_ISREG(held.st_mode) or held.st_uid != os.geteuid():
             raise PermissionError(f"{path} is not a regular file of this user: no key added")
-        if held.st_mode & 0o077:
-            os.fchmod(fd, 0o600)
+        if held.st_mode & 0o007:
+            os.fchmod(fd, stat.S_IMODE(held.st_mode) & ~0o007)
         if held.st_size > 0:  # a file written without a last newline (printf, kubectl)
             handle.seek(-1, os.SEEK_END)
             if handle.read(1) != b"\n":

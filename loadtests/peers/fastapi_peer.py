@@ -72,14 +72,22 @@ def create_app() -> FastAPI:
 
     @app.post("/v1/predict")
     async def predict(request: Request, _owner: Owner) -> dict[str, Any]:
-        item = parse_item(await read_json_body(request, work.limits.max_body_bytes))
+        item = parse_item(
+            await read_json_body(
+                request, work.limits.max_body_bytes, work.limits.body_read_timeout_s
+            )
+        )
         rows = await work.store.get_many([item["entity_id"]])
         [result] = work.score([item], rows).values()
         return predict_body(item, result, work.version)
 
     @app.post("/v1/predict/batch")
     async def predict_batch(request: Request, _owner: Owner) -> dict[str, Any]:
-        entries = work.parse_batch(await read_json_body(request, work.limits.max_body_bytes))
+        entries = work.parse_batch(
+            await read_json_body(
+                request, work.limits.max_body_bytes, work.limits.body_read_timeout_s
+            )
+        )
         unique = valid_unique(entries)
         rows = await work.store.get_many(entity_ids(unique))
         return batch_body(entries, work.score(unique, rows), work.version)

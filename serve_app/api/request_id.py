@@ -22,6 +22,7 @@ for callers that had left, and the multiplexing and session ids steer routing.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import uuid
 
@@ -31,12 +32,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 HEADER = b"x-request-id"
 # Ray Serve's per-request control headers, compared as Ray does: lower case, "-" as "_".
+# The session header's name is Ray's setting (RAY_SERVE_SESSION_ID_HEADER_KEY).
 _SERVE_CONTROLS = frozenset(
     {
         "x_request_timeout_seconds",
         "x_request_disconnect_disabled",
         "serve_multiplexed_model_id",
-        "x_session_id",
+        os.environ.get("RAY_SERVE_SESSION_ID_HEADER_KEY", "x-session-id").lower().replace("-", "_"),
     }
 )
 # The value of RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH.

@@ -92,7 +92,7 @@ install_error_handlers(app)
 install_method_not_allowed(app)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 502, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 409, 413, 415, 422, 502, 503)
 }
 JobId = Annotated[str, Path(description="The id returned by POST /v1/jobs.")]
 # Printable ASCII, spaces only inside: an empty key (a client template whose variable

@@ -169,7 +169,7 @@ def test_adding_a_key_never_lands_in_a_readable_or_symlinked_file(tmp_path: Path
     loose.write_text(f"{KEY_A}\n")
     loose.chmod(0o644)
     added = append_key(loose, "alice")
-    assert stat.S_IMODE(loose.stat().st_mode) == 0o600
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o640  # others out; the group keeps it
     assert loose.read_text() == f"{KEY_A}\nalice:{added}\n"
 
     elsewhere = tmp_path / "elsewhere"
