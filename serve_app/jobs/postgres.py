@@ -40,7 +40,7 @@ from serve_app.jobs.queue import (
     is_job_id,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _MIGRATION_LOCK = 0x5E27E_A99  # pg_advisory_xact_lock key: one migrator at a time
 # With the owner's hashtext: one job creation per owner at a time (the two-int key space
 # is apart from the one-bigint space of the migration lock).
@@ -107,6 +107,14 @@ CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (webhook_next_at)
 CREATE INDEX IF NOT EXISTS jobs_owner_active ON jobs (owner)
     WHERE state IN ('queued', 'running');
 """,
+    # The items of every job an owner still has (the retained-items cap), kept by create
+    # and purge: summed over the owner's jobs at each creation it cost 98 ms with a
+    # million kept, under the owner's lock.
+    5: """
+CREATE TABLE IF NOT EXISTS owner_usage (owner TEXT PRIMARY KEY, items BIGINT NOT NULL);
+INSERT INTO owner_usage (owner, items)
+    SELECT owner, SUM(total) FROM jobs GROUP BY owner ON CONFLICT (owner) DO NOTHING;
+""",
 }
 
 # A webhook owed and due, earliest first: the partial index jobs_webhook_due.
@@ -130,10 +138,9 @@ _JOB_COLUMNS = (
 
 
 def _retained(db: psycopg.Connection[Any], owner: str) -> int:
-    """Items of every job of ``owner`` still kept (index jobs_idempotency: owner first)."""
-    row = db.execute("SELECT COALESCE(SUM(total), 0) FROM jobs WHERE owner = %s", (owner,))
-    found = row.fetchone()
-    return int(found[0]) if found else 0
+    """Items of every job of ``owner`` still kept (one row of owner_usage)."""
+    row = db.execute("SELECT items FROM owner_usage WHERE owner = %s", (owner,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _backlog(db: psycopg.Connection[Any], owner: str) -> int:
@@ -245,6 +252,11 @@ class PostgresJobQueue:
                 job = self._earlier(db, owner, idempotency_key, body_hash)
                 assert job is not None
                 return job, False
+            db.execute(
+                "INSERT INTO owner_usage (owner, items) VALUES (%s, %s)"
+                " ON CONFLICT (owner) DO UPDATE SET items = owner_usage.items + excluded.items",
+                (owner, len(items)),
+            )
             with db.cursor().copy("COPY job_items (job_id, idx, item) FROM STDIN") as copy:
                 for index, item in enumerate(items):
                     if item is not None:
@@ -528,6 +540,17 @@ class PostgresJobQueue:
                     )
                 ]
                 if ids:
+                    freed = db.execute(
+                        "SELECT owner, SUM(total) FROM jobs WHERE id = ANY(%s)"
+                        " GROUP BY owner ORDER BY owner",  # one lock order for every purger
+                        (ids,),
+                    ).fetchall()
+                    for owner, total in freed:
+                        db.execute(
+                            "UPDATE owner_usage SET items = GREATEST(0, items - %s)"
+                            " WHERE owner = %s",
+                            (total, owner),
+                        )
                     for table, column in (
                         ("job_items", "job_id"),
                         ("job_results", "job_id"),

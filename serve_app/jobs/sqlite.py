@@ -94,7 +94,18 @@ CREATE TABLE IF NOT EXISTS job_errors (
     error TEXT NOT NULL,
     PRIMARY KEY (job_id, no)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS owner_usage (
+    owner TEXT PRIMARY KEY,
+    items INTEGER NOT NULL
+) WITHOUT ROWID;
 """
+# The items of every job an owner still has (the retained-items cap), kept by create and
+# purge: summed over the owner's jobs at each creation it cost 137 ms with a million kept,
+# under the write lock. Filled from the jobs once, when the table is new (an upgrade).
+_FILL_OWNER_USAGE = (
+    "INSERT OR IGNORE INTO owner_usage (owner, items)"
+    " SELECT owner, SUM(total) FROM jobs GROUP BY owner"
+)
 
 _JOB_COLUMNS = (
     "id, owner, state, total, done, failed, idempotency_key, body_hash, callback_url, "
@@ -150,6 +161,9 @@ class SQLiteJobQueue:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM owner_usage LIMIT 1").fetchone() is None:
+                db.execute(_FILL_OWNER_USAGE)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -244,6 +258,11 @@ class SQLiteJobQueue:
             )
             self._store_rejected(db, job_id, rejected)
             db.execute("UPDATE jobs SET done = ? WHERE id = ?", (len(rejected), job_id))
+            db.execute(
+                "INSERT INTO owner_usage (owner, items) VALUES (?, ?)"
+                " ON CONFLICT (owner) DO UPDATE SET items = items + excluded.items",
+                (owner, len(items)),
+            )
         job = self.get(job_id, owner)
         assert job is not None
         return job, True
@@ -514,6 +533,15 @@ class SQLiteJobQueue:
                         (now, batch),
                     )
                 ]
+                marks = ",".join("?" * len(ids))
+                freed = db.execute(
+                    f"SELECT owner, SUM(total) FROM jobs WHERE id IN ({marks}) GROUP BY owner",
+                    ids,
+                ).fetchall()
+                db.executemany(
+                    "UPDATE owner_usage SET items = MAX(0, items - ?) WHERE owner = ?",
+                    [(total, owner) for owner, total in freed],
+                )
                 for table, column in (
                     ("job_items", "job_id"),
                     ("job_results", "job_id"),
@@ -530,9 +558,9 @@ class SQLiteJobQueue:
 
 
 def _retained(db: sqlite3.Connection, owner: str) -> int:
-    """Items of every job of ``owner`` still kept (index jobs_idempotency: owner first)."""
-    row = db.execute("SELECT COALESCE(SUM(total), 0) FROM jobs WHERE owner = ?", (owner,))
-    return int(row.fetchone()[0])
+    """Items of every job of ``owner`` still kept (one row of owner_usage)."""
+    row = db.execute("SELECT items FROM owner_usage WHERE owner = ?", (owner,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _backlog(db: sqlite3.Connection, owner: str) -> int:

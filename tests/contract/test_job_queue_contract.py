@@ -370,6 +370,15 @@ def test_kept_jobs_count_against_the_retained_cap_refused_items_and_finished_too
     assert full.value.retained == 9
     queue.create("alice", ITEMS[:1], {}, None, None, "h4", max_retained=10)  # exactly fits
     queue.create("bob", ITEMS, {}, None, None, "h5", max_retained=10)  # a key of its own
+    # purged, a job's items are room again: the refused job goes, the finished one stays
+    refused_job = next(c for c in claimed if c is not None and c.id != job.id)
+    assert queue.finish(refused_job.id, "w", "succeeded", None, 30, 0)
+    time.sleep(0.01)
+    assert queue.purge_expired() == 1
+    queue.create("alice", ITEMS[:4], {}, None, None, "h6", max_retained=10)
+    with pytest.raises(RetainedFull) as full:
+        queue.create("alice", ITEMS[:1], {}, None, None, "h7", max_retained=10)
+    assert full.value.retained == 10
 
 
 def test_a_refused_storage_quota_is_a_429_for_an_hour() -> None:
@@ -555,20 +564,26 @@ def test_postgres_schema_1_is_migrated_to_the_current_indexes(
     postgres_srv: PostgresServer,
 ) -> None:
     url = postgres_srv.create_database("migrate")
-    PostgresJobQueue(url).close()
+    before = PostgresJobQueue(url)
+    kept, _ = before.create("kept", ITEMS, {}, None, None, "h0")  # from before the upgrade
+    before.close()
     with psycopg.connect(url, autocommit=True) as db:  # as a version-1 database was
         db.execute("DROP INDEX jobs_queued")
         db.execute("DROP INDEX jobs_webhook_due")
         db.execute("DROP INDEX jobs_owner_active")
+        db.execute("DROP TABLE owner_usage")
         db.execute("DELETE FROM serve_app_schema WHERE version > 1")
     migrated = PostgresJobQueue(url)
     try:
         with psycopg.connect(url, autocommit=True) as db:
             versions = [v for (v,) in db.execute("SELECT version FROM serve_app_schema")]
             indexes = {n for (n,) in db.execute("SELECT indexname FROM pg_indexes")}
-        assert sorted(versions) == [1, 2, 3, 4]
+        assert sorted(versions) == [1, 2, 3, 4, 5]
         assert {"jobs_queued", "jobs_webhook_due", "jobs_owner_active"} <= indexes
-        job, _ = migrated.create("o", ITEMS, {}, None, None, "h")
-        assert migrated.oldest_queued_age(job.created_at + 3) == pytest.approx(3)
+        with pytest.raises(RetainedFull) as full:  # its items were counted at the upgrade
+            migrated.create("kept", ITEMS[:1], {}, None, None, "h1", max_retained=5)
+        assert full.value.retained == 5
+        migrated.create("o", ITEMS, {}, None, None, "h")
+        assert migrated.oldest_queued_age(kept.created_at + 3) == pytest.approx(3)
     finally:
         migrated.close()

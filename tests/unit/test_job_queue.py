@@ -325,3 +325,26 @@ def test_the_queue_and_store_files_are_readable_by_their_owner_only(tmp_path: Pa
     row = {name: [1.0 if name == "age" else None] for name in ENTITY_FEATURES}
     write_sqlite_store(store, pd.DataFrame(row, index=pd.Index(["E1"], name="entity_id")))
     assert stat.S_IMODE(store.stat().st_mode) == 0o600
+
+
+def test_an_older_queue_file_counts_its_kept_jobs_once_upgraded(tmp_path: Path) -> None:
+    """owner_usage is new: a file from before it has jobs and no counts. Without the
+    fill at start every key would begin at zero and could keep twice its cap."""
+    from serve_app.jobs import RetainedFull
+
+    path = tmp_path / "jobs.db"
+    old = SQLiteJobQueue(path)
+    old.create("alice", [{"entity_id": "E1", "context": {}}] * 3, {}, None, None, "h")
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE owner_usage")  # as the older version left the file
+    upgraded = SQLiteJobQueue(path)
+    with pytest.raises(RetainedFull) as full:
+        upgraded.create(
+            "alice", [{"entity_id": "E2", "context": {}}], {}, None, None, "h2", max_retained=3
+        )
+    assert full.value.retained == 3
+    SQLiteJobQueue(path)  # a later start keeps the counts it has, no second fill
+    with pytest.raises(RetainedFull):
+        upgraded.create(
+            "alice", [{"entity_id": "E2", "context": {}}], {}, None, None, "h2", max_retained=3
+        )
