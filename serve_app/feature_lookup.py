@@ -156,10 +156,10 @@ class FeatureSource:
     def _ok(self, stored: dict[str, StoredRow]) -> FeatureLookup:
         """An ``ok`` answer; ids with a corrupt row fail alone or fall back to defaults,
         as ``store.on_error`` says for a store that fails."""
-        rows = {entity: row for entity, row in stored.items() if not isinstance(row, CorruptRow)}
-        corrupt = frozenset(stored.keys() - rows.keys())
-        if not corrupt:
-            return FeatureLookup(status="ok", rows=rows)
+        corrupt = frozenset(e for e, row in stored.items() if isinstance(row, CorruptRow))
+        if not corrupt:  # the usual case: no copy of the rows on every batch
+            return FeatureLookup(status="ok", rows=stored)  # type: ignore[arg-type]
+        rows = {entity: row for entity, row in stored.items() if entity not in corrupt}
         if self.config.on_error == "fail":
             return FeatureLookup(status="ok", rows=rows, invalid=corrupt)
         return FeatureLookup(status="ok", rows=rows, fallback=corrupt)

@@ -47,15 +47,16 @@ async def read_body_bytes(request: Request, max_bytes: int, timeout_s: float) ->
     content_type = request.headers.get("content-type", "")
     if content_type and "json" not in content_type.split(";")[0].lower():
         raise UnsupportedMediaType(f"content-type must be application/json, not {content_type!r}")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    header = request.headers.get("content-length")
+    declared = int(header) if header is not None and header.isdigit() else None
+    if declared is not None and declared > max_bytes:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
     reading = read_at_most(
         request.stream(),
         max_bytes,
         lambda: PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes"),
     )
-    if declared is not None and declared.isdigit() and int(declared) <= UNTIMED_MAX_BYTES:
+    if declared is not None and declared <= UNTIMED_MAX_BYTES:
         return await reading
     try:
         return await asyncio.wait_for(reading, timeout_s)

@@ -31,14 +31,16 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 HEADER = b"x-request-id"
-# Ray Serve's per-request control headers, compared as Ray does: lower case, "-" as "_".
-# The session header's name is Ray's setting (RAY_SERVE_SESSION_ID_HEADER_KEY).
+# Ray Serve's per-request control headers, compared as Ray does: lower case, "-" as "_"
+# (as bytes: this runs for every header of every request). The session header's name is
+# Ray's setting (RAY_SERVE_SESSION_ID_HEADER_KEY).
+_SESSION_HEADER = os.environ.get("RAY_SERVE_SESSION_ID_HEADER_KEY", "x-session-id")
 _SERVE_CONTROLS = frozenset(
     {
-        "x_request_timeout_seconds",
-        "x_request_disconnect_disabled",
-        "serve_multiplexed_model_id",
-        os.environ.get("RAY_SERVE_SESSION_ID_HEADER_KEY", "x-session-id").lower().replace("-", "_"),
+        b"x_request_timeout_seconds",
+        b"x_request_disconnect_disabled",
+        b"serve_multiplexed_model_id",
+        _SESSION_HEADER.lower().replace("-", "_").encode("latin-1"),
     }
 )
 # The value of RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH.
@@ -62,7 +64,7 @@ def request_id_of(request: Request) -> str | None:
 
 
 def _serve_control(name: bytes) -> bool:
-    return name.decode("latin-1").lower().replace("-", "_") in _SERVE_CONTROLS
+    return name.lower().replace(b"-", b"_") in _SERVE_CONTROLS
 
 
 class EdgeRequestIdMiddleware:
