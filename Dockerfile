@@ -117,7 +117,9 @@ VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s \
   CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
-# Ray's settings come from configs/serve.env, as with the README's run command (one source;
-# one of its values spans two lines, which an ENV line cannot hold). `exec` keeps `serve
-# run` the process that `docker stop` signals; the last argument is the Serve config.
-CMD ["sh", "-c", "set -a && . configs/serve.env && set +a && exec serve run \"$1\"", "sh", "configs/docker.yaml"]
+# The README's run command: `serve-app run` sets configs/serve.env's variables (Ray reads
+# them only from the environment; one value spans lines, which an ENV line cannot hold),
+# puts HAProxy's admin socket in a 0700 directory of the service user's instead of Ray's
+# shared /tmp/haproxy-serve, and execs `serve run`, which stays the process `docker stop`
+# signals. The argument is the Serve config.
+CMD ["serve-app", "run", "configs/docker.yaml"]

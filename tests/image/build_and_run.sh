@@ -365,6 +365,15 @@ if [ -n "$haproxy_pids" ]; then
   else
     check haproxy FAIL "pid ${haproxy_pids% }: no option http-buffer-request in $cfg"
   fi
+  # `serve-app run` (the CMD) put HAProxy's admin socket and config in a 0700 directory
+  # of the service user's, not in Ray's shared /tmp/haproxy-serve/.
+  private="/tmp/serve-app-$uid"
+  mode=$(stat -c '%a %u' "$ROOTFS$private" 2>/dev/null || echo missing)
+  if [[ "$cfg" == "$private/"* ]] && [ "$mode" = "700 $uid" ]; then
+    check haproxy_private ok "$cfg, $private mode $mode"
+  else
+    check haproxy_private FAIL "$cfg; $private: $mode (want 700 $uid)"
+  fi
 else
   check haproxy FAIL "no haproxy process"
 fi

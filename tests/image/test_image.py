@@ -27,6 +27,7 @@ CHECKS = (
     "job",
     "dashboard",
     "haproxy",
+    "haproxy_private",
     "model_dir_readonly",
     "data_writable",
     "stop",

@@ -132,9 +132,9 @@ def test_sqlite_path_is_parsed_in_one_place() -> None:
 
 
 def test_serve_env_reads_as_the_shell_reads_it() -> None:
-    """configs/serve.env is sourced by the README's run command and the image's CMD, and
-    read by read_env_file for the tests, benchmarks and `serve-app k8s`: both must agree,
-    multi-line values included."""
+    """configs/serve.env is read by read_env_file for `serve-app run` (the README's run
+    command and the image's CMD), the tests, benchmarks and `serve-app k8s`, and an
+    operator may source it with the shell: both must agree, multi-line values included."""
     path = ROOT / "configs" / "serve.env"
     script = (
         'set -a; . "$1"; set +a; python3 -c "import json, os; print(json.dumps(dict(os.environ)))"'
