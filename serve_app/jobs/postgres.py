@@ -152,6 +152,38 @@ def _job(row: Sequence[Any] | None) -> Job | None:
     return None if row is None else Job(*row)
 
 
+def _take_owner_turn(db: psycopg.Connection[Any], owner: str) -> None:
+    """Make ``owner``'s creations take turns until this transaction ends, so the caps
+    read next stay true until the insert (two creations on any replica each read the
+    backlog before the other's insert and passed the cap together)."""
+    # READ COMMITTED whatever the database's default: the backlog read after the lock
+    # wait must see the creations committed during it (a REPEATABLE READ snapshot, taken
+    # at the lock statement, let all eight of a test's concurrent creations through).
+    db.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    # A stuck holder (a lost node mid-COPY) must not hold the key's creations for hours:
+    # past this, LockNotAvailable -> 503 queue_busy (PostgresJobQueue._connect).
+    db.execute(f"SET LOCAL lock_timeout = '{CREATE_LOCK_TIMEOUT_S}s'")
+    db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_CREATE_LOCK_CLASS, owner))
+
+
+def _copy_items(
+    db: psycopg.Connection[Any],
+    job_id: str,
+    items: Sequence[dict[str, Any] | None],
+    rejected: dict[int, dict[str, Any]],
+) -> None:
+    """A new job's items, and the errors of those refused at validation as their results
+    (COPY: a 100,000-item job in one round trip per table)."""
+    with db.cursor().copy("COPY job_items (job_id, idx, item) FROM STDIN") as copy:
+        for index, item in enumerate(items):
+            if item is not None:
+                copy.write_row((job_id, index, json.dumps(item)))
+    if rejected:
+        with db.cursor().copy("COPY job_results (job_id, idx, ok, result) FROM STDIN") as copy:
+            for index, error in rejected.items():
+                copy.write_row((job_id, index, False, json.dumps(error)))
+
+
 class PostgresJobQueue:
     """Jobs, their items and results in PostgreSQL, shared by every replica on every node."""
 
@@ -214,16 +246,7 @@ class PostgresJobQueue:
         job_id = uuid.uuid4().hex
         with self._connect() as db, db.transaction():
             if max_backlog is not None or max_retained is not None:
-                # READ COMMITTED whatever the database's default: the backlog read after
-                # the lock wait must see the creations committed during it (a REPEATABLE
-                # READ snapshot, taken at the lock statement, let all eight through).
-                db.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                # A stuck holder (a lost node mid-COPY) must not hold the key's creations
-                # for hours: past this, LockNotAvailable -> 503 queue_busy (_connect).
-                db.execute(f"SET LOCAL lock_timeout = '{CREATE_LOCK_TIMEOUT_S}s'")
-                db.execute(
-                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_CREATE_LOCK_CLASS, owner)
-                )
+                _take_owner_turn(db, owner)
                 earlier = self._earlier(db, owner, idempotency_key, body_hash)
                 if earlier is not None:
                     return earlier, False
@@ -257,16 +280,7 @@ class PostgresJobQueue:
                 " ON CONFLICT (owner) DO UPDATE SET items = owner_usage.items + excluded.items",
                 (owner, len(items)),
             )
-            with db.cursor().copy("COPY job_items (job_id, idx, item) FROM STDIN") as copy:
-                for index, item in enumerate(items):
-                    if item is not None:
-                        copy.write_row((job_id, index, json.dumps(item)))
-            if rejected:
-                with db.cursor().copy(
-                    "COPY job_results (job_id, idx, ok, result) FROM STDIN"
-                ) as copy:
-                    for index, error in rejected.items():
-                        copy.write_row((job_id, index, False, json.dumps(error)))
+            _copy_items(db, job_id, items, rejected)
             row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = %s", (job_id,))
             job = _job(row.fetchone())
         assert job is not None

@@ -223,16 +223,9 @@ class SQLiteJobQueue:
         """
         now = time.time()
         with self._transaction(durable=True) as db:
-            if idempotency_key is not None:
-                existing = db.execute(
-                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
-                    (owner, idempotency_key),
-                ).fetchone()
-                if existing is not None:
-                    job = Job(*existing)
-                    if job.body_hash != body_hash:
-                        raise IdempotencyConflict(idempotency_key)
-                    return job, False
+            earlier = self._earlier(db, owner, idempotency_key, body_hash)
+            if earlier is not None:
+                return earlier, False
             if max_backlog is not None:
                 check_room(_backlog(db, owner), len(items) - len(rejected), max_backlog)
             if max_retained is not None:
@@ -266,6 +259,23 @@ class SQLiteJobQueue:
         job = self.get(job_id, owner)
         assert job is not None
         return job, True
+
+    @staticmethod
+    def _earlier(
+        db: sqlite3.Connection, owner: str, idempotency_key: str | None, body_hash: str
+    ) -> Job | None:
+        """The job created before with ``idempotency_key`` (``IdempotencyConflict`` if
+        its body differed), or None."""
+        if idempotency_key is None:
+            return None
+        row = db.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
+            (owner, idempotency_key),
+        ).fetchone()
+        job = None if row is None else Job(*row)
+        if job is not None and job.body_hash != body_hash:
+            raise IdempotencyConflict(idempotency_key)
+        return job
 
     @staticmethod
     def _store_rejected(
