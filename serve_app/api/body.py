@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.errors import (
     BodyTimeout,
@@ -72,3 +73,51 @@ def parse_json(raw: bytes) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # nesting bombs too
         raise MalformedJson(f"body is not valid JSON: {exc}") from exc
+
+
+class CloseAfterUnreadBody:
+    """``Connection: close`` on an answer sent before a large request body has arrived.
+
+    Answered early (401, 404, 413, 415, 408, a refusal), a request's unread body would
+    still be received and thrown away by the server for as long as the client takes to
+    send it, and the connection, one of HAProxy's slots of the replica, stays taken all
+    that time: 300 stalled uploads without a key held every slot, and HAProxy answered
+    503 to everyone for minutes. Closed, the slot is free at once. Only bodies over
+    :data:`UNTIMED_MAX_BYTES` or of unknown length are watched: smaller ones HAProxy
+    forwards whole, so they are in the server's buffer already, and their connections
+    stay open for the next request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _body_may_trickle(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+
+        async def receive_watched() -> Message:
+            nonlocal body_done
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True  # the last part, or the client went away
+            return message
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_done:
+                headers = [*message.get("headers", ()), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive_watched, send_closing)
+
+
+def _body_may_trickle(headers: list[tuple[bytes, bytes]]) -> bool:
+    """A body declared over UNTIMED_MAX_BYTES, or chunked (of unknown length)."""
+    for name, value in headers:
+        if name == b"content-length":
+            return not value.isdigit() or int(value) > UNTIMED_MAX_BYTES
+        if name == b"transfer-encoding":
+            return True
+    return False

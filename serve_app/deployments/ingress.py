@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.api.admission import Admission, AdmissionMiddleware
 from serve_app.api.auth import KeyChecker
+from serve_app.api.body import CloseAfterUnreadBody
 from serve_app.api.deps import (
     Admitted,
     ApiContext,
@@ -86,7 +87,8 @@ app = FastAPI(
 )
 app.add_middleware(RequestIdMiddleware)
 app.add_middleware(AdmissionMiddleware)  # before routing and auth: a refusal is cheap
-app.add_middleware(ObservabilityMiddleware)  # outermost: times and counts everything
+app.add_middleware(ObservabilityMiddleware)  # times and counts everything
+app.add_middleware(CloseAfterUnreadBody)  # outermost: sees every answer, refusals too
 install_offline_docs(app)
 install_error_handlers(app)
 install_method_not_allowed(app)

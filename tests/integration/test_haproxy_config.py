@@ -86,6 +86,7 @@ def test_serve_env_haproxy_lines_are_in_haproxys_defaults(serve_app: ServeApp) -
             "retry-on conn-failure empty-response",
             "option http-buffer-request",
             "timeout http-request 10s",
+            "timeout client 20s",
             *(f"balance {shedding[0]}", *(extra.strip() for extra in shedding[1:])),
         ):
             assert line in defaults, f"{line!r} not in the defaults of {path}: {defaults}"
@@ -99,6 +100,9 @@ def test_serve_env_haproxy_lines_are_in_haproxys_defaults(serve_app: ServeApp) -
             assert all(i < ours for i in rays), f"Ray's errorfile {status} after ours: {defaults}"
         # `no log` must come after Ray's `log global`, or every request is logged again
         assert defaults.index("no log") > defaults.index("log global"), defaults
+        # ours must be the last `timeout client` (after Ray's hour), or the hour wins
+        clients = [line for line in defaults if line.startswith("timeout client ")]
+        assert clients[-1] == "timeout client 20s", defaults
 
 
 def test_a_body_sent_after_a_pause_is_answered(serve_app: ServeApp) -> None:
@@ -159,6 +163,113 @@ def test_a_body_trickled_past_the_read_deadline_gets_408_whatever_the_client_ask
     assert status.startswith(b"HTTP/1.1 408"), answer[:300]
     assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "body_timeout"
     assert 10 <= waited <= 40, waited
+
+
+def _answered_mid_body(serve_app: ServeApp, head: bytes, trickle: bool) -> tuple[bytes, float]:
+    """Send ``head`` and 20 KB of its body; then, answered or not, send a byte every 0.5 s
+    (``trickle``) or nothing. Returns the answer and how long after it the connection
+    was closed (``inf`` if it was still open after 40 s)."""
+    answer = b""
+    with _connect(serve_app) as sock:
+        sock.sendall(head + b"{" + b" " * 20_000)  # past HAProxy's 16 KiB buffer
+        sock.settimeout(0.5)
+        answered = deadline = None
+        while deadline is None or time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return answer, time.monotonic() - (answered or time.monotonic())
+                answer += chunk
+            except TimeoutError:
+                pass
+            except ConnectionResetError:
+                return answer, time.monotonic() - (answered or time.monotonic())
+            if answered is None and b"\r\n\r\n" in answer:
+                answered = time.monotonic()
+                deadline = answered + 40
+            if trickle:
+                try:
+                    sock.sendall(b" ")
+                except OSError:  # closed: read what is left
+                    continue
+    return answer, float("inf")
+
+
+def _early_head(path: str, headers: str, length: int) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("case", "path", "headers", "status"),
+    [
+        ("no key", "/v1/jobs", "Content-Type: application/json\r\n", 401),
+        (
+            "declared too large",
+            "/v1/predict/batch",
+            f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n",
+            413,
+        ),
+        (
+            "wrong type",
+            "/v1/jobs",
+            f"Authorization: Bearer {API_KEY}\r\nContent-Type: text/plain\r\n",
+            415,
+        ),
+        ("no route", "/v1/nothing", f"Authorization: Bearer {API_KEY}\r\n", 404),
+    ],
+)
+def test_a_body_still_coming_after_its_answer_is_cut_off(
+    serve_app: ServeApp, case: str, path: str, headers: str, status: int
+) -> None:
+    """HAProxy keeps a request's slot of the replica until its body has arrived whole,
+    even when the replica answered at once (401, 413, 415, 404): a byte now and then kept
+    it for as long as the client liked, and 300 such uploads from anyone without a key
+    held every slot (HAProxy answered 503 to everyone). The replica answers with
+    ``Connection: close`` and closes, and HAProxy drops the client at its next byte."""
+    length = 1_000_000 if status == 413 else 100_000
+    answer, closed_after = _answered_mid_body(
+        serve_app, _early_head(path, headers, length), trickle=True
+    )
+    status_line = answer.partition(b"\r\n")[0]
+    print(f"\n{case}: {status_line!r}, closed {closed_after:.1f} s after the answer")
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
+    assert closed_after < 10, f"{case}: the trickling client kept its connection"
+
+
+def test_a_client_silent_mid_body_is_dropped_after_timeout_client(serve_app: ServeApp) -> None:
+    """A client that stops sending mid-body after its answer holds the slot until HAProxy's
+    `timeout client` (20 s; Ray's is an hour)."""
+    head = _early_head("/v1/jobs", "Content-Type: application/json\r\n", 100_000)
+    answer, closed_after = _answered_mid_body(serve_app, head, trickle=False)
+    print(f"\nsilent client dropped {closed_after:.1f} s after its 401")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]
+    assert 15 <= closed_after <= 30, closed_after
+
+
+def test_a_large_body_sent_whole_keeps_the_connection(serve_app: ServeApp) -> None:
+    """The close above is only for answers sent before the body arrived: a large body
+    read whole leaves the connection open for the next request."""
+    body = b'{"items": [' + b" " * 20_000 + b'{"entity_id": "E0000001"}]}'
+    head = _head(len(body)).replace(b"POST /v1/predict ", b"POST /v1/predict/batch ")
+    with _connect(serve_app) as sock:
+        for _ in range(2):
+            sock.sendall(head + body)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(65536)
+                assert chunk, f"closed after {answer[:200]!r}"
+                answer += chunk
+            head_part, _, rest = answer.partition(b"\r\n\r\n")
+            fields = dict(line.split(b":", 1) for line in head_part.lower().split(b"\r\n")[1:])
+            length = int(fields[b"content-length"])
+            while len(rest) < length:
+                chunk = sock.recv(65536)
+                assert chunk, "closed mid-answer"
+                rest += chunk
+            assert head_part.startswith(b"HTTP/1.1 200 "), answer[:300]
+            assert b"connection: close" not in head_part.lower(), head_part
 
 
 def _request_id(i: int) -> str:
