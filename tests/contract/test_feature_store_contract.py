@@ -196,6 +196,7 @@ CORRUPT_REDIS_ROWS = {
     "[1, 2]": "but list",
     '{"age": [1]}': "list in 'age'",
     "{}": "none of the model's entity features",
+    '{"age": null, "region": null}': "none of the model's entity features",
     "7": "but int",
     "<html>": "not JSON",
     "[" * 3000: "not JSON",  # nested past the stack: a RecursionError, not a ValueError
@@ -225,6 +226,29 @@ def test_a_corrupt_redis_row_is_that_ids_own_failure(loaded_redis: str, stored: 
         assert CORRUPT_REDIS_ROWS[stored] in corrupt.reason
 
     _with_store(loaded_redis, scenario)
+
+
+def test_an_all_null_sqlite_row_is_that_ids_own_failure(
+    small_store_path: Path, tmp_path: Path
+) -> None:
+    """Every feature column NULL: the entity exists, but nothing is known of it. Scored,
+    it got exactly the defaults' score, marked neither degraded nor failed, and cached."""
+    import sqlite3
+
+    copy = tmp_path / "features.db"
+    copy.write_bytes(small_store_path.read_bytes())
+    with sqlite3.connect(copy) as db:
+        columns = ", ".join(f"{name} = NULL" for name in ENTITY_FEATURES)
+        db.execute(f"UPDATE entities SET {columns} WHERE entity_id = ?", (KNOWN[1],))
+    url = f"sqlite:///{copy}"
+
+    async def scenario(store: FeatureStore) -> None:
+        rows = await StoreClient(store, StoreConfig(url=url, attempts=1)).get_many(KNOWN[:2])
+        assert isinstance(rows[KNOWN[0]], dict)
+        assert isinstance(rows[KNOWN[1]], CorruptRow), rows[KNOWN[1]]
+        assert "none of the model's entity features" in rows[KNOWN[1]].reason
+
+    _with_store(url, scenario)
 
 
 def test_redis_server_gone_is_store_unavailable() -> None:

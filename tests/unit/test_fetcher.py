@@ -107,6 +107,7 @@ CORRUPT_BECAUSE = {
     "row-object-value": "dict in 'age'",
     "row-empty": "none of the model's entity features",
     "row-unknown-names": "none of the model's entity features",
+    "row-all-null": "none of the model's entity features",
 }
 CORRUPT = {
     "row-number": b'{"features": {"row-number": 5, "E1": {"age": 2.0}}}',
@@ -115,6 +116,7 @@ CORRUPT = {
     "row-object-value": b'{"features": {"row-object-value": {"age": {"x": 1}}, "E1": {"age": 1}}}',
     "row-empty": b'{"features": {"row-empty": {}, "E1": {"age": 1}}}',
     "row-unknown-names": b'{"features": {"row-unknown-names": {"agee": 1}, "E1": {"age": 1}}}',
+    "row-all-null": b'{"features": {"row-all-null": {"age": null, "region": null}, "E1": {"age": 1}}}',
 }
 
 
