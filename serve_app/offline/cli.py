@@ -107,12 +107,17 @@ def _webhook_secret(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     from serve_app.config import load_app_config
+    from serve_app.errors import ServeAppError
     from serve_app.offline.artifacts import build_artifacts
     from serve_app.scoring.artifact import MODEL_FILE, pin_line, sha256_of
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = load_app_config(Path(args.config)).resolved(Path.cwd())
-    build_artifacts(config, force=args.force)
+    try:
+        config = load_app_config(Path(args.config)).resolved(Path.cwd())
+        build_artifacts(config, force=args.force)
+    except ServeAppError as exc:  # the operator's to mend: the message, not a traceback
+        print(f"build: {exc.message}", file=sys.stderr)
+        return 1
     model_path = Path(config.artifacts.model_dir) / MODEL_FILE
     digest = sha256_of(model_path)
     print(f"model {model_path} sha256 {digest}", file=sys.stderr)

@@ -177,6 +177,25 @@ def test_build_prints_the_digest_and_the_yaml_line(
     assert capsys.readouterr().out.strip() == f'artifacts: {{sha256: "{digest}"}}'
 
 
+def test_build_refusing_a_directory_says_why_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serve-app build --force` into a directory of someone else's files: exit 1 and the
+    reason, not a traceback."""
+    from serve_app.offline.cli import main
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "stray.txt").write_text("theirs")
+    config_file = tmp_path / "serve.yaml"
+    args = {"artifacts": {"model_dir": str(model_dir), "n_entities": 2_000}}
+    config_file.write_text(json.dumps({"applications": [{"name": "a", "args": args}]}))
+    assert main(["build", "--force", str(config_file)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("build: artifacts.model_dir ") and "stray.txt" in err, err
+    assert "Traceback" not in err
+
+
 def test_a_build_never_deletes_files_that_are_not_a_model(tmp_path: Path) -> None:
     """model_dir pointed (by a typo) at a directory of other files: start-up's build
     replaced the directory and deleted them."""
