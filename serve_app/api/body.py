@@ -79,13 +79,14 @@ class CloseAfterUnreadBody:
     """``Connection: close`` on an answer sent before a large request body has arrived.
 
     Answered early (401, 404, 413, 415, 408, a refusal), a request's unread body would
-    still be received and thrown away by the server for as long as the client takes to
-    send it, and the connection, one of HAProxy's slots of the replica, stays taken all
-    that time: 300 stalled uploads without a key held every slot, and HAProxy answered
-    503 to everyone for minutes. Closed, the slot is free at once. Only bodies over
-    :data:`UNTIMED_MAX_BYTES` or of unknown length are watched: smaller ones HAProxy
-    forwards whole, so they are in the server's buffer already, and their connections
-    stay open for the next request.
+    still be received and thrown away for as long as the client takes to send it, and
+    HAProxy keeps the request's slot of the replica until the body has come whole: 300
+    stalled uploads without a key held every slot, and HAProxy answered 503 to everyone
+    for minutes. Once the replica has closed, HAProxy drops a client that sends more at
+    its next byte; one that falls silent is dropped after HAProxy's ``timeout client``
+    (configs/serve.env). Only bodies over :data:`UNTIMED_MAX_BYTES` or of unknown length
+    are watched: smaller ones HAProxy forwards whole, so they are in the server's buffer
+    already, and their connections stay open for the next request.
     """
 
     def __init__(self, app: ASGIApp) -> None:
