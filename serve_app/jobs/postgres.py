@@ -32,12 +32,12 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from serve_app.errors import QueueBusy
 from serve_app.jobs.queue import (
-    IdempotencyConflict,
     Job,
     check_retained,
     check_room,
     decode_item,
     is_job_id,
+    same_request,
 )
 
 SCHEMA_VERSION = 5
@@ -298,10 +298,7 @@ class PostgresJobQueue:
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = %s AND idempotency_key = %s",
             (owner, idempotency_key),
         ).fetchone()
-        job = _job(row)
-        if job is not None and job.body_hash != body_hash:
-            raise IdempotencyConflict(idempotency_key)
-        return job
+        return same_request(_job(row), idempotency_key, body_hash)
 
     def get(self, job_id: str, owner: str) -> Job | None:
         """The job if it exists and belongs to ``owner`` (otherwise None: a 404)."""

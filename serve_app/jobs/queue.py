@@ -106,6 +106,14 @@ class RetainedFull(Exception):
         self.retained = retained
 
 
+def same_request(job: Job | None, idempotency_key: str, body_hash: str) -> Job | None:
+    """``job``, found by its ``idempotency_key``, as the answer to a resend;
+    ``IdempotencyConflict`` if the key came with a different body this time."""
+    if job is not None and job.body_hash != body_hash:
+        raise IdempotencyConflict(idempotency_key)
+    return job
+
+
 def check_room(backlog: int, new_items: int, max_backlog: int) -> None:
     """``BacklogFull`` unless ``new_items`` fit next to ``backlog`` within ``max_backlog``."""
     if backlog + new_items > max_backlog:

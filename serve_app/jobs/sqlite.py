@@ -33,12 +33,12 @@ from typing import Any
 
 from serve_app.errors import QueueBusy
 from serve_app.jobs.queue import (
-    IdempotencyConflict,
     Job,
     check_retained,
     check_room,
     decode_item,
     is_job_id,
+    same_request,
 )
 
 _SCHEMA = """
@@ -272,10 +272,7 @@ class SQLiteJobQueue:
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
             (owner, idempotency_key),
         ).fetchone()
-        job = None if row is None else Job(*row)
-        if job is not None and job.body_hash != body_hash:
-            raise IdempotencyConflict(idempotency_key)
-        return job
+        return same_request(None if row is None else Job(*row), idempotency_key, body_hash)
 
     @staticmethod
     def _store_rejected(
