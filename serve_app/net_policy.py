@@ -14,7 +14,11 @@ from dataclasses import dataclass
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+# IPv6 prefixes a translator maps to the IPv4 address in their low 32 bits: NAT64's
+# well-known and local-use ones, and SIIT's IPv4-translated ::ffff:0:a.b.c.d (RFC 2765).
+_LOW32_IPV4 = tuple(
+    ipaddress.ip_network(net) for net in ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96")
+)
 # Not globally routable, but ``is_global`` says they are in Python before 3.11.10 / 3.12.4
 # (CVE-2024-4032) or 3.14 (the newer ranges): checked here whatever the interpreter.
 _NOT_GLOBAL = tuple(
@@ -79,12 +83,13 @@ def valid_hostname(host: str) -> bool:
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """IPv4 addresses an IPv6 address carries (mapped, compatible, 6to4, Teredo, NAT64)."""
+    """IPv4 addresses an IPv6 address carries (mapped, compatible, 6to4, Teredo, NAT64,
+    SIIT)."""
     found = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
     if address.teredo is not None:
         found.extend(address.teredo)
     low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    if any(address in network for network in _NAT64) or int(address) >> 32 == 0:
+    if any(address in network for network in _LOW32_IPV4) or int(address) >> 32 == 0:
         found.append(low32)
     return found
 

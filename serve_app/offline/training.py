@@ -6,6 +6,8 @@ same library versions give the same model, byte for byte.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -24,7 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from serve_app.errors import ArtifactError
 from serve_app.offline.datagen import generate_training_events
-from serve_app.scoring.artifact import METADATA_FILE, MODEL_FILE, record_built, sha256_of
+from serve_app.scoring.artifact import METADATA_FILE, MODEL_FILE, record_built
 from serve_app.scoring.features import (
     CATEGORICAL_FEATURES,
     CATEGORIES,
@@ -117,8 +119,20 @@ def write_artifact(
     check_replaceable(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".model-", dir=model_dir.parent))
-    joblib.dump(pipeline, staging / MODEL_FILE)
-    checksum = sha256_of(staging / MODEL_FILE)
+    # Hash the bytes made here, not the file: whoever can write model_dir's parent can
+    # swap the staging directory between a dump and a re-read, and the digest recorded
+    # below is trusted without a pin. "x": never write into a file someone planted.
+    buffer = io.BytesIO()
+    joblib.dump(pipeline, buffer)
+    model_bytes = buffer.getvalue()
+    checksum = hashlib.sha256(model_bytes).hexdigest()
+    try:
+        with (staging / MODEL_FILE).open("xb") as handle:
+            handle.write(model_bytes)
+    except FileExistsError as exc:
+        raise ArtifactError(
+            f"{staging} was changed by someone else during the build: refusing to use it"
+        ) from exc
     metadata = {
         "name": "example-churn-hgb",
         "version": f"1.0.0+{checksum[:12]}",

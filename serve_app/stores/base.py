@@ -6,6 +6,8 @@ only this protocol, and :func:`serve_app.stores.open_store` picks the backend by
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -16,6 +18,20 @@ from serve_app.scoring.features import ENTITY_FEATURES
 FeatureRow = dict[str, Any]
 LookupStatus = Literal["ok", "degraded", "unavailable"]
 _SCALAR = (str, int, float, bool, type(None))
+# Past this many digits an integer cannot be a float (the model's input), so it is read
+# as NaN, a missing value, as the scoring reads any value that is no number.
+_FLOAT_DIGITS = 310
+
+
+def loads_rows(text: str | bytes) -> Any:
+    """``json.loads`` for what a store holds, where one value cannot fail the rest: Python
+    refuses integers of over 4,300 digits with a ValueError, and one such value in a
+    feature API's answer failed every id in it."""
+    return json.loads(text, parse_int=_json_int)
+
+
+def _json_int(digits: str) -> int | float:
+    return int(digits) if len(digits) <= _FLOAT_DIGITS else math.nan
 
 
 @dataclass(frozen=True)

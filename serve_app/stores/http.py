@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import httpx
 
 from serve_app.errors import StoreUnavailable
-from serve_app.stores.base import FeatureRow
+from serve_app.stores.base import FeatureRow, loads_rows
 from serve_app.streams import read_at_most
 
 # A row is ~200 bytes of JSON; 4 KiB per id asked is generous, and bounds what a remote
 # that answers too much can make a replica hold and parse.
 MAX_BYTES_PER_ID = 4_096
+# Asked of the remote, and the only encoding read: httpx inflates gzip, deflate and
+# brotli with no bound of its own before a byte reaches our cap, so a 1 KB answer could
+# expand to gigabytes inside the replica, synchronously (the timeout cannot interrupt it).
+IDENTITY = {"accept-encoding": "identity"}
 
 
 class HttpFeatureStore:
@@ -29,7 +32,7 @@ class HttpFeatureStore:
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
-        self._client = httpx.AsyncClient(limits=limits, timeout=None)
+        self._client = httpx.AsyncClient(limits=limits, timeout=None, headers=IDENTITY)
 
     async def get_many(self, entity_ids: Sequence[str]) -> dict[str, FeatureRow]:
         if not entity_ids:
@@ -37,7 +40,7 @@ class HttpFeatureStore:
         limit = MAX_BYTES_PER_ID * len(entity_ids) + 1_024
         try:
             body = await self._post_bulk(list(entity_ids), limit)
-            answer = json.loads(body)
+            answer = loads_rows(body)
             rows = answer["features"] if isinstance(answer, dict) else None
         except (httpx.HTTPError, ValueError, KeyError, RecursionError) as exc:  # deep JSON too
             detail = _without_credentials(str(exc), self.url)
@@ -55,8 +58,9 @@ class HttpFeatureStore:
         response = await self._client.send(request, stream=True)
         try:
             response.raise_for_status()
+            _refuse_encoded(response)
             return await read_at_most(
-                response.aiter_bytes(),
+                response.aiter_raw(),
                 limit,
                 lambda: StoreUnavailable(f"feature API answer over {limit} bytes"),
             )
@@ -64,14 +68,25 @@ class HttpFeatureStore:
             await response.aclose()
 
     async def ping(self) -> None:
+        """The status alone: the body is never read (nor inflated)."""
         try:
-            (await self._client.get(f"{self.url}/healthz")).raise_for_status()
+            async with self._client.stream("GET", f"{self.url}/healthz") as response:
+                response.raise_for_status()
         except httpx.HTTPError as exc:
             detail = _without_credentials(str(exc), self.url)
             raise StoreUnavailable(f"feature API unreachable: {detail}") from exc
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _refuse_encoded(response: httpx.Response) -> None:
+    """``StoreUnavailable`` for an answer compressed although identity was asked for."""
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise StoreUnavailable(
+            f"feature API answered Content-Encoding {encoding[:40]!r}; it is asked for identity"
+        )
 
 
 def _without_credentials(text: str, url: str) -> str:

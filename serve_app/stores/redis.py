@@ -16,14 +16,13 @@ for every backend; connection errors and Redis errors become ``StoreUnavailable`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from serve_app.errors import StoreUnavailable
-from serve_app.stores.base import CorruptRow, StoredRow
+from serve_app.stores.base import CorruptRow, StoredRow, loads_rows
 
 KEY_PREFIX = "serve_app:features:v1:"
 RESERVED_ID = "_meta"  # an entity id the API accepts, but its key holds the metadata
@@ -67,7 +66,7 @@ class RedisFeatureStore:
             if value is None:
                 continue
             try:
-                found[entity] = json.loads(value)
+                found[entity] = loads_rows(value)
             except (ValueError, RecursionError):  # bad JSON, or nested past the stack
                 found[entity] = CorruptRow("not JSON")
         return found

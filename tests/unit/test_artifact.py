@@ -221,3 +221,33 @@ def test_a_build_into_a_directory_of_model_files_replaces_them(
     metadata = write_artifact(model_dir, loaded.pipeline, {"roc_auc": 0.5}, seed=1)
     assert sorted(p.name for p in model_dir.iterdir()) == [METADATA_FILE, MODEL_FILE]
     assert read_metadata(model_dir)["sha256"] == metadata["sha256"]
+
+
+def test_the_digest_a_build_trusts_is_of_the_bytes_it_made(
+    small_config: AppConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model this process built is served without a pin, on the digest the build
+    recorded. The build hashed the file it had written, so whoever can write the model
+    directory's parent could rename the staging directory right after the dump and put
+    their own pickle in its place: its digest was recorded as trusted and it ran at load
+    (a helper's test). Simulated by doing just that inside joblib.dump."""
+    from serve_app.offline import training
+
+    pipeline = load_artifact(Path(small_config.artifacts.model_dir)).pipeline
+    model_dir = tmp_path / "model"
+    marker = tmp_path / "payload-ran"
+    real_dump = training.joblib.dump
+
+    def dump_then_swap(value: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
+        written = real_dump(value, target, *args, **kwargs)
+        staging = next(tmp_path.glob(".model-*"))
+        staging.rename(tmp_path / "moved-away")
+        staging.mkdir()
+        (staging / MODEL_FILE).write_bytes(pickle.dumps(_Payload(marker)))
+        return written
+
+    monkeypatch.setattr(training.joblib, "dump", dump_then_swap)
+    with pytest.raises(ArtifactError):
+        training.write_artifact(model_dir, pipeline, {"roc_auc": 0.5}, seed=1)
+        load_artifact(model_dir, expected_sha256(ArtifactConfig(model_dir=str(model_dir))))
+    assert not marker.exists(), "a pickle planted during the build was unpickled"

@@ -1,4 +1,5 @@
 import asyncio
+import gzip
 import json
 import time
 from collections.abc import Sequence
@@ -274,3 +275,81 @@ def test_the_feature_api_password_never_reaches_the_logs() -> None:
 
         message = asyncio.run(look_up())
     assert "500" in message and "s3cr3t-token" not in message and "***@" in message
+
+
+def _bomb() -> bytes:
+    """128 MiB of zeros, gzip inside gzip: 1.7 KB on the wire."""
+    inner = gzip.compress(b"\0" * (128 << 20), compresslevel=1)
+    return gzip.compress(inner, compresslevel=9)
+
+
+def _bombing_feature_api(seen: list[str]) -> Any:
+    """A feature API whose every answer is a compression bomb (status 200 included)."""
+    from fastapi import FastAPI, Request, Response
+
+    app = FastAPI()
+    bomb = _bomb()
+    headers = {"content-encoding": "gzip, gzip"}
+
+    @app.post("/features/bulk")
+    async def bulk(request: Request) -> Response:
+        seen.append(request.headers.get("accept-encoding", ""))
+        return Response(bomb, media_type="application/json", headers=headers)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response(bomb, media_type="text/plain", headers=headers)
+
+    return app
+
+
+def test_a_compressed_answer_is_refused_before_it_is_inflated() -> None:
+    """httpx inflates gzip (twice, for "gzip, gzip") with no bound before our byte cap
+    sees a byte: a 980-byte answer cost the replica 1.5 GB in a helper's test, with the
+    event loop blocked past the timeout (this one held 271 MiB in ping alone). The store asks for identity and refuses any
+    other encoding unread; ping reads the status alone."""
+    import tracemalloc
+
+    from serve_app.stores.http import HttpFeatureStore
+    from tests.servers import serve_in_thread
+
+    seen: list[str] = []
+    with serve_in_thread(_bombing_feature_api(seen)) as url:
+
+        async def look_up_then_ping() -> str:
+            store = HttpFeatureStore(url)
+            try:
+                with pytest.raises(StoreUnavailable) as refused:
+                    await StoreClient(store, config(attempts=1, timeout_s=5)).get_many(["E1"])
+                await store.ping()  # answered 200: ready, and the body is not our business
+                return refused.value.message
+            finally:
+                await store.aclose()
+
+        tracemalloc.start()
+        try:
+            message = asyncio.run(look_up_then_ping())
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert "Content-Encoding 'gzip, gzip'" in message
+    assert seen == ["identity"]
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB held: the bomb was inflated"
+
+
+def test_an_integer_no_float_can_hold_is_a_missing_value_not_a_failed_answer() -> None:
+    """Python refuses to parse an integer of over 4,300 digits: one such value made the
+    whole answer a StoreUnavailable (every id in it degraded or 503). Now the value is
+    missing (NaN), as the scoring reads any value that is no number, and E1 is served."""
+    import math
+
+    from tests.servers import serve_in_thread
+
+    big_row = '{"age": ' + "9" * 4_301 + ', "region": "north"}'
+    answer = '{"features": {"BIG": ' + big_row + ', "E1": {"age": 1}}}'
+
+    with serve_in_thread(_hostile_feature_api({"BIG": answer.encode()})) as url:
+        rows = _look_up(url, ["BIG", "E1"])
+    assert rows["E1"] == {"age": 1}
+    big = rows["BIG"]
+    assert isinstance(big, dict) and big["region"] == "north" and math.isnan(big["age"])

@@ -63,6 +63,7 @@ SECRET = new_secret()
         "http://[::ffff:127.0.0.1]/x",  # IPv4-mapped
         "http://[::127.0.0.1]/x",  # IPv4-compatible
         "http://[64:ff9b::a9fe:a9fe]/x",  # NAT64 of 169.254.169.254
+        "http://[::ffff:0:7f00:1]/x",  # SIIT's IPv4-translated 127.0.0.1
         "http://[fe80::1]/x",
         "http://[fc00::1]/x",
         "http://224.0.0.1/x",
