@@ -40,7 +40,7 @@ from serve_app.jobs.queue import (
     same_request,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _MIGRATION_LOCK = 0x5E27E_A99  # pg_advisory_xact_lock key: one migrator at a time
 # With the owner's hashtext: one job creation per owner at a time (the two-int key space
 # is apart from the one-bigint space of the migration lock).
@@ -115,14 +115,36 @@ CREATE TABLE IF NOT EXISTS owner_usage (owner TEXT PRIMARY KEY, items BIGINT NOT
 INSERT INTO owner_usage (owner, items)
     SELECT owner, SUM(total) FROM jobs GROUP BY owner ON CONFLICT (owner) DO NOTHING;
 """,
+    # Fair claims (JobQueue.claim): each owner's oldest claimable job, one index seek; the
+    # owners holding a lease now, a range of live leases. The owner index also serves the
+    # backlog (BACKLOG_SQL) that jobs_owner_active did.
+    6: """
+CREATE INDEX IF NOT EXISTS jobs_owner_by_age ON jobs (owner, created_at)
+    WHERE state IN ('queued', 'running');
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until);
+DROP INDEX IF EXISTS jobs_owner_active;
+""",
 }
 
+# Work: the oldest claimable job among owners holding no lease now (JobQueue.claim), an
+# index seek per owner (jobs_owner_by_age) and a range of jobs_leased; then the oldest.
+FAIR_CLAIM_SQL = (
+    "SELECT j.id FROM owner_usage u JOIN jobs j ON j.id = ("
+    "SELECT id FROM jobs WHERE owner = u.owner AND state IN ('queued', 'running')"
+    " AND lease_until < %(now)s ORDER BY created_at LIMIT 1)"
+    " WHERE u.owner NOT IN (SELECT owner FROM jobs WHERE lease_until >= %(now)s)"
+    " ORDER BY j.created_at LIMIT 1 FOR UPDATE OF j SKIP LOCKED"
+)
+CLAIM_WORK_SQL = (
+    "SELECT id FROM jobs WHERE state IN ('queued', 'running') AND lease_until < %(now)s"
+    " ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+)
 # A webhook owed and due, earliest first: the partial index jobs_webhook_due.
 CLAIM_WEBHOOK_SQL = (
     "SELECT id FROM jobs WHERE webhook_state = 'pending' AND webhook_next_at <= %s"
     " AND lease_until < %s ORDER BY webhook_next_at LIMIT 1 FOR UPDATE SKIP LOCKED"
 )
-# An owner's items not yet done: the partial index jobs_owner_active.
+# An owner's items not yet done: the partial index jobs_owner_by_age.
 BACKLOG_SQL = (
     "SELECT COALESCE(SUM(total - done), 0) FROM jobs"
     " WHERE owner = %s AND state IN ('queued', 'running')"
@@ -383,17 +405,12 @@ class PostgresJobQueue:
     # ---- worker side -------------------------------------------------------------------
 
     def claim(self, worker: str, lease_s: float) -> Job | None:
-        """Lease one job that needs work (queued or abandoned) or else one owed a webhook.
-
-        Work comes first, oldest first; then webhooks, earliest due first (as in SQLite).
-        """
+        """Lease one job that needs work (queued or abandoned) or else one owed a webhook
+        (see :meth:`JobQueue.claim`; as in SQLite)."""
         now = time.time()
         with self._connect() as db, db.transaction():
-            row = db.execute(
-                "SELECT id FROM jobs WHERE state IN ('queued', 'running') AND lease_until < %s"
-                " ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED",
-                (now,),
-            ).fetchone()
+            row = db.execute(FAIR_CLAIM_SQL, {"now": now}).fetchone()
+            row = row or db.execute(CLAIM_WORK_SQL, {"now": now}).fetchone()
             row = row or db.execute(CLAIM_WEBHOOK_SQL, (now, now)).fetchone()
             if row is None:
                 return None
@@ -489,7 +506,7 @@ class PostgresJobQueue:
         with self._connect() as db, db.transaction():
             cursor = db.execute(
                 "UPDATE jobs SET state = %s, error = %s, finished_at = %s, expires_at = %s,"
-                " lease_until = %s,"
+                " lease_until = CASE WHEN callback_url IS NULL THEN 0 ELSE %s END,"
                 " webhook_state = CASE WHEN callback_url IS NULL THEN 'none' ELSE 'pending' END"
                 " WHERE id = %s AND lease_owner = %s AND state = 'running'",
                 (state, error, now, now + result_ttl_s, now + lease_s, job_id, worker),

@@ -177,7 +177,14 @@ class JobQueue(Protocol):
         """
         ...
 
-    def claim(self, worker: str, lease_s: float) -> Job | None: ...
+    def claim(self, worker: str, lease_s: float) -> Job | None:
+        """Lease one job: work before webhooks. Work is the oldest claimable job of the
+        owners (API keys) that hold no lease now, else the oldest of all: one key's
+        backlog of small jobs, or its jobs whose webhooks hang, took every worker in
+        turn (oldest first) while another key's job waited behind all of them; now each
+        key with work gets a worker before any key gets a second. Webhooks are claimed
+        earliest due first."""
+        ...
 
     def extend_lease(self, job_id: str, worker: str, lease_s: float) -> bool:
         """Renew ``worker``'s lease on a running job for ``lease_s`` more seconds (the

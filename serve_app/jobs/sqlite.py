@@ -70,8 +70,10 @@ DROP INDEX IF EXISTS jobs_claimable;
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (created_at)
     WHERE state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (created_at) WHERE state = 'queued';
-CREATE INDEX IF NOT EXISTS jobs_owner_active ON jobs (owner)
+DROP INDEX IF EXISTS jobs_owner_active;
+CREATE INDEX IF NOT EXISTS jobs_owner_by_age ON jobs (owner, created_at)
     WHERE state IN ('queued', 'running');
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until);
 CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (webhook_next_at)
     WHERE webhook_state = 'pending';
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
@@ -115,8 +117,17 @@ _JOB_COLUMNS = (
 
 
 # Claims: one query per index, each reading only the rows its partial index holds.
+# First the oldest claimable job among owners holding no lease now (queue.FAIR_CLAIM),
+# then the oldest of all.
+FAIR_CLAIM_SQL = (
+    "SELECT j.id FROM owner_usage u JOIN jobs j ON j.id = ("
+    "SELECT id FROM jobs WHERE owner = u.owner AND state IN ('queued', 'running')"
+    " AND lease_until < :now ORDER BY created_at LIMIT 1)"
+    " WHERE u.owner NOT IN (SELECT owner FROM jobs WHERE lease_until >= :now)"
+    " ORDER BY j.created_at LIMIT 1"
+)
 CLAIM_WORK_SQL = (
-    "SELECT id FROM jobs WHERE state IN ('queued', 'running') AND lease_until < ?"
+    "SELECT id FROM jobs WHERE state IN ('queued', 'running') AND lease_until < :now"
     " ORDER BY created_at LIMIT 1"
 )
 CLAIM_WEBHOOK_SQL = (
@@ -388,7 +399,8 @@ class SQLiteJobQueue:
         """Lease one job that needs work: queued, abandoned (lease expired) or owed a webhook."""
         now = time.time()
         with self._transaction() as db:
-            row = db.execute(CLAIM_WORK_SQL, (now,)).fetchone()
+            row = db.execute(FAIR_CLAIM_SQL, {"now": now}).fetchone()
+            row = row or db.execute(CLAIM_WORK_SQL, {"now": now}).fetchone()
             row = row or db.execute(CLAIM_WEBHOOK_SQL, (now, now)).fetchone()
             if row is None:
                 return None
@@ -477,7 +489,7 @@ class SQLiteJobQueue:
         with self._transaction() as db:
             cursor = db.execute(
                 "UPDATE jobs SET state = ?, error = ?, finished_at = ?, expires_at = ?,"
-                " lease_until = ?,"
+                " lease_until = CASE WHEN callback_url IS NULL THEN 0 ELSE ? END,"
                 " webhook_state = CASE WHEN callback_url IS NULL THEN 'none' ELSE 'pending' END"
                 " WHERE id = ? AND lease_owner = ? AND state = 'running'",
                 (state, error, now, now + result_ttl_s, now + lease_s, job_id, worker),

@@ -465,6 +465,34 @@ def test_work_is_claimed_before_due_webhooks(queue: JobQueue) -> None:
     assert second is not None and second.id == done.id and second.finished
 
 
+def test_each_key_with_work_gets_a_worker_before_any_key_gets_a_second(queue: JobQueue) -> None:
+    """A hostile key's backlog of small jobs (or of jobs whose webhooks hang, each held by
+    its worker for the first attempt) took every worker in turn, oldest first, while
+    another key's job waited behind all of it: 10 s for one item in a helper's test."""
+    hog = [queue.create("hog", ITEMS[:1], {}, None, None, f"h{i}")[0] for i in range(6)]
+    other, _ = queue.create("other", ITEMS[:1], {}, None, None, "o1")
+    later, _ = queue.create("late", ITEMS[:1], {}, None, None, "l1")
+    first = queue.claim("w1", 30)
+    assert first is not None and first.id == hog[0].id  # nobody busy: oldest first
+    second = queue.claim("w2", 30)
+    third = queue.claim("w3", 30)
+    assert second is not None and second.id == other.id  # hog holds a lease: others first
+    assert third is not None and third.id == later.id
+    fourth = queue.claim("w4", 30)  # every key with work is busy: oldest again
+    assert fourth is not None and fourth.id == hog[1].id
+    # A finished job whose worker keeps its lease for the first webhook attempt counts.
+    queue.save_results(other.id, "w2", 30, [(0, {"score": 0.5})])
+    queue.finish(other.id, "w2", "succeeded", None, 30, 60)
+    with_hook, _ = queue.create("other", ITEMS[:1], {}, "https://93.184.216.34/h", None, "o2")
+    fifth = queue.claim("w5", 30)  # "other" finished with no webhook: it holds nothing
+    assert fifth is not None and fifth.id == with_hook.id
+    queue.save_results(with_hook.id, "w5", 30, [(0, {"score": 0.5})])
+    assert queue.finish(with_hook.id, "w5", "succeeded", None, 30, 60)
+    queue.create("other", ITEMS[:1], {}, None, None, "o3")
+    sixth = queue.claim("w6", 30)  # "other" holds the webhook's lease: the oldest, hog's
+    assert sixth is not None and sixth.id == hog[2].id
+
+
 def test_oldest_queued_age_counts_only_jobs_waiting_for_their_first_claim(
     queue: JobQueue,
 ) -> None:
@@ -515,6 +543,21 @@ def test_postgres_webhook_claim_reads_its_partial_index(postgres_srv: PostgresSe
         queue.close()
 
 
+def test_postgres_fair_claim_reads_its_indexes(postgres_srv: PostgresServer) -> None:
+    """Run at every claim: a seek per owner and the live leases, not every queued job."""
+    from serve_app.jobs.postgres import FAIR_CLAIM_SQL
+
+    queue = PostgresJobQueue(postgres_srv.create_database("fair_claim"))
+    try:
+        with queue._connect() as db, db.transaction():
+            db.execute("SET LOCAL enable_seqscan = off")  # a tiny table: ask what it can use
+            explain = f"EXPLAIN {FAIR_CLAIM_SQL}"
+            plan = " ".join(row[0] for row in db.execute(explain, {"now": 1.0}))
+        assert "jobs_owner_by_age" in plan and "jobs_leased" in plan, plan
+    finally:
+        queue.close()
+
+
 def test_postgres_owner_backlog_reads_its_partial_index(postgres_srv: PostgresServer) -> None:
     """Read at every creation while the owner's lock is held: its active jobs only, not
     the week of finished ones a busy key keeps."""
@@ -525,7 +568,7 @@ def test_postgres_owner_backlog_reads_its_partial_index(postgres_srv: PostgresSe
         with queue._connect() as db, db.transaction():
             db.execute("SET LOCAL enable_seqscan = off")  # a tiny table: ask what it can use
             plan = " ".join(row[0] for row in db.execute(f"EXPLAIN {BACKLOG_SQL}", ("o",)))
-        assert "jobs_owner_active" in plan, plan
+        assert "jobs_owner_by_age" in plan, plan
     finally:
         queue.close()
 
@@ -570,7 +613,9 @@ def test_postgres_schema_1_is_migrated_to_the_current_indexes(
     with psycopg.connect(url, autocommit=True) as db:  # as a version-1 database was
         db.execute("DROP INDEX jobs_queued")
         db.execute("DROP INDEX jobs_webhook_due")
-        db.execute("DROP INDEX jobs_owner_active")
+        db.execute("DROP INDEX jobs_owner_by_age")
+        db.execute("DROP INDEX jobs_leased")
+        db.execute("CREATE INDEX jobs_owner_active ON jobs (owner)")  # version 4's, replaced
         db.execute("DROP TABLE owner_usage")
         db.execute("DELETE FROM serve_app_schema WHERE version > 1")
     migrated = PostgresJobQueue(url)
@@ -578,8 +623,9 @@ def test_postgres_schema_1_is_migrated_to_the_current_indexes(
         with psycopg.connect(url, autocommit=True) as db:
             versions = [v for (v,) in db.execute("SELECT version FROM serve_app_schema")]
             indexes = {n for (n,) in db.execute("SELECT indexname FROM pg_indexes")}
-        assert sorted(versions) == [1, 2, 3, 4, 5]
-        assert {"jobs_queued", "jobs_webhook_due", "jobs_owner_active"} <= indexes
+        assert sorted(versions) == [1, 2, 3, 4, 5, 6]
+        assert {"jobs_queued", "jobs_webhook_due", "jobs_owner_by_age", "jobs_leased"} <= indexes
+        assert "jobs_owner_active" not in indexes
         with pytest.raises(RetainedFull) as full:  # its items were counted at the upgrade
             migrated.create("kept", ITEMS[:1], {}, None, None, "h1", max_retained=5)
         assert full.value.retained == 5

@@ -10,6 +10,7 @@ from serve_app.jobs import IdempotencyConflict
 from serve_app.jobs.sqlite import (
     CLAIM_WEBHOOK_SQL,
     CLAIM_WORK_SQL,
+    FAIR_CLAIM_SQL,
     OLDEST_QUEUED_SQL,
     SQLiteJobQueue,
 )
@@ -109,15 +110,17 @@ def test_webhook_schedule_and_purge(queue: SQLiteJobQueue) -> None:
     assert queue.get_any(job.id) is None and queue.results(job.id, 0, 10) == []
 
 
-def _plan(queue: SQLiteJobQueue, sql: str, params: tuple[object, ...]) -> str:
+def _plan(queue: SQLiteJobQueue, sql: str, params: tuple[object, ...] | dict[str, object]) -> str:
     with sqlite3.connect(queue.path) as db:
         return " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
 
 
 def test_claims_read_partial_indexes_not_the_whole_table(queue: SQLiteJobQueue) -> None:
     """An idle poll must not scan every retained job under the write lock."""
-    work = _plan(queue, CLAIM_WORK_SQL, (1.0,))
+    fair = _plan(queue, FAIR_CLAIM_SQL, {"now": 1.0})
+    work = _plan(queue, CLAIM_WORK_SQL, {"now": 1.0})
     webhooks = _plan(queue, CLAIM_WEBHOOK_SQL, (1.0, 1.0))
+    assert "USING INDEX jobs_owner_by_age" in fair and "jobs_leased" in fair, fair
     assert "USING INDEX jobs_active" in work, work
     assert "USING INDEX jobs_webhook_due" in webhooks, webhooks
     for plan in (work, webhooks):

@@ -423,3 +423,45 @@ def test_a_corrupt_row_is_stored_as_its_items_failure_not_waited_out(tmp_path: P
     assert final.state == "succeeded" and (final.done, final.failed) == (3, 1)
     codes = [r.get("error", {}).get("code") for r in stored]
     assert codes == [None, "feature_row_invalid", None]
+
+
+def test_one_keys_hanging_webhooks_do_not_hold_another_keys_job(tmp_path: Path) -> None:
+    """A hostile key's one-item jobs whose receivers never answer: each held a job slot
+    for the first attempt's whole timeout, and claims went oldest first, so another key's
+    job waited behind all of them (12 jobs x 1 s / 2 slots: 6 s; a helper saw it grow
+    without bound). Now a key holding a lease yields the next slot to a key with none."""
+    from serve_app.secret_files import new_webhook_secret
+    from tests.unit.test_webhooks import drip, receiver
+
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    item = [{"entity_id": "E1", "context": {}}]
+    with receiver(drip) as server:
+        hook = f"http://127.0.0.1:{server.port}/hook"
+        for i in range(12):
+            queue.create("hostile", item, {}, hook, None, f"h{i}")
+        victim, _ = queue.create("victim", item, {}, None, None, "v")
+        worker = _worker(queue)
+        worker._secret = new_webhook_secret()
+        worker._config = JobsConfig(
+            poll_interval_s=0.01,
+            webhooks={"allowed_hosts": [f"127.0.0.1:{server.port}"], "timeout_s": 1.0},
+        )
+        worker._running = set()
+
+        async def victims_wait() -> float:
+            worker._slots = asyncio.Semaphore(2)
+            started = time.monotonic()
+            loop = asyncio.create_task(worker._claim_loop())
+            try:
+                while time.monotonic() - started < 20:
+                    final = await asyncio.to_thread(queue.get, victim.id, "victim")
+                    if final is not None and final.state == "succeeded":
+                        return time.monotonic() - started
+                    await asyncio.sleep(0.02)
+                return float("inf")
+            finally:
+                loop.cancel()
+                await asyncio.gather(loop, *worker._running, return_exceptions=True)
+
+        waited = asyncio.run(victims_wait())
+    assert waited < 3.0, f"the other key's job waited {waited:.1f} s behind hanging webhooks"
