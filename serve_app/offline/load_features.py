@@ -183,7 +183,10 @@ def load_into_redis(
 
     report = LoadReport(ignored_columns=check_columns(frame))
     started = time.perf_counter()
-    client = redis.Redis.from_url(expand_env(url), socket_connect_timeout=5)
+    try:
+        client = redis.Redis.from_url(expand_env(url), socket_connect_timeout=5)
+    except ValueError as exc:  # an unset ${VAR}, a URL redis-py cannot read
+        raise ConfigError(f"--to {_redact(url)}: {exc}") from None
     try:
         client.ping()
         batch: dict[str, str] = {}
@@ -203,6 +206,11 @@ def load_into_redis(
             bar.update(len(frame) - bar.n)
         meta = {"columns": list(ENTITY_FEATURES), "rows": report.loaded, "loaded_at": time.time()}
         client.set(META_KEY, json.dumps(meta))
+    except redis.RedisError as exc:  # unreachable, refused our password, went away mid-way
+        raise ConfigError(
+            f"redis at {_redact(url)}: {type(exc).__name__}: {exc} ({report.loaded} rows "
+            "loaded before it; loading again sets the same keys)"
+        ) from None
     finally:
         client.close()
     report.seconds = time.perf_counter() - started

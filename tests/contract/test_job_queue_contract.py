@@ -543,6 +543,36 @@ def test_postgres_webhook_claim_reads_its_partial_index(postgres_srv: PostgresSe
         queue.close()
 
 
+def test_postgres_connections_killed_by_a_restart_are_not_lent(
+    postgres_srv: PostgresServer,
+) -> None:
+    """A PostgreSQL restart ends every pooled connection; each then failed its next call
+    (503 queue_busy, AdminShutdown) for over a minute of job uploads. Killing the
+    backends does to the pool what the restart does. One dead connection found means
+    all are checked at once (psycopg_pool alone took 7 s for the first call)."""
+    url = postgres_srv.create_database("restart")
+    queue = PostgresJobQueue(url, min_size=4, max_size=4)
+    try:
+        for i in range(4):
+            queue.create("o", ITEMS[:1], {}, None, None, f"h{i}")
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(postgres_srv.url(), autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            ).fetchall()
+        assert killed and all(ok for (ok,) in killed), killed
+        started = time.monotonic()
+        queue.create("o", ITEMS[:1], {}, None, None, "after")
+        # generous: checked one by one, the four dead connections cost 1 + 2 + 4 s
+        assert time.monotonic() - started < 3.0
+        for i in range(8):  # every pooled connection is lent again at least once
+            queue.create("o", ITEMS[:1], {}, None, None, f"after{i}")
+        assert queue.depth() == 13
+    finally:
+        queue.close()
+
+
 def test_postgres_fair_claim_reads_its_indexes(postgres_srv: PostgresServer) -> None:
     """Run at every claim: a seek per owner and the live leases, not every queued job."""
     from serve_app.jobs.postgres import FAIR_CLAIM_SQL

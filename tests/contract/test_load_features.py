@@ -102,3 +102,27 @@ def test_an_unreadable_input_is_exit_2_with_its_name(
     assert main(["load-features", "--to", "redis://127.0.0.1:1", "--from", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"cannot read {path}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("to", "says"),
+    [
+        ("redis://:s3cr3t-pw@127.0.0.1:1/0", "ConnectionError"),  # nothing listens there
+        ("redis://:s3cr3t-pw@127.0.0.1:6379/${SERVE_APP_TEST_UNSET_VAR}", "unset environment"),
+    ],
+    ids=["unreachable", "unset-variable"],
+)
+def test_an_unusable_destination_is_exit_2_in_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    to: str,
+    says: str,
+) -> None:
+    """A Redis that is down or a URL with an unset variable was a traceback and exit 1,
+    the code of "rows were refused". Now 2 and one line, without the password."""
+    monkeypatch.delenv("SERVE_APP_TEST_UNSET_VAR", raising=False)
+    assert main(["load-features", "--quiet", "--to", to, "--from", str(_csv(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("load-features: ") and says in err, err
+    assert "Traceback" not in err and "s3cr3t-pw" not in err and err.count("\n") == 1, err
