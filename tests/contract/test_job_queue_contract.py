@@ -514,33 +514,32 @@ def test_oldest_queued_age_counts_only_jobs_waiting_for_their_first_claim(
     assert queue.oldest_queued_age(now) == 0.0 and queue.depth() == 0
 
 
+def _postgres_plan(server: PostgresServer, sql: str, params: object = None) -> str:
+    """PostgreSQL's plan for ``sql`` on a fresh database, sequential scans discouraged
+    (the tables are tiny: ask what the query can use, not what is cheapest now)."""
+    queue = PostgresJobQueue(server.create_database("plan"))
+    try:
+        with queue._connect() as db, db.transaction():
+            db.execute("SET LOCAL enable_seqscan = off")
+            return " ".join(row[0] for row in db.execute(f"EXPLAIN {sql}", params))
+    finally:
+        queue.close()
+
+
 def test_postgres_oldest_queued_age_reads_its_partial_index(postgres_srv: PostgresServer) -> None:
     """The gauge is read every second by every worker: one index entry, not a scan."""
     from serve_app.jobs.postgres import OLDEST_QUEUED_SQL
 
-    queue = PostgresJobQueue(postgres_srv.create_database("oldest"))
-    try:
-        with queue._connect() as db, db.transaction():
-            db.execute("SET LOCAL enable_seqscan = off")  # a tiny table: ask what it can use
-            plan = " ".join(row[0] for row in db.execute(f"EXPLAIN {OLDEST_QUEUED_SQL}"))
-        assert "jobs_queued" in plan, plan
-    finally:
-        queue.close()
+    plan = _postgres_plan(postgres_srv, OLDEST_QUEUED_SQL)
+    assert "jobs_queued" in plan, plan
 
 
 def test_postgres_webhook_claim_reads_its_partial_index(postgres_srv: PostgresServer) -> None:
     """An idle poll (several a second per worker) must not read every retained job."""
     from serve_app.jobs.postgres import CLAIM_WEBHOOK_SQL
 
-    queue = PostgresJobQueue(postgres_srv.create_database("webhook_due"))
-    try:
-        with queue._connect() as db, db.transaction():
-            db.execute("SET LOCAL enable_seqscan = off")  # a tiny table: ask what it can use
-            explain = f"EXPLAIN {CLAIM_WEBHOOK_SQL}"
-            plan = " ".join(row[0] for row in db.execute(explain, (1.0, 1.0)))
-        assert "jobs_webhook_due" in plan, plan
-    finally:
-        queue.close()
+    plan = _postgres_plan(postgres_srv, CLAIM_WEBHOOK_SQL, (1.0, 1.0))
+    assert "jobs_webhook_due" in plan, plan
 
 
 def test_postgres_connections_killed_by_a_restart_are_not_lent(
@@ -577,15 +576,8 @@ def test_postgres_fair_claim_reads_its_indexes(postgres_srv: PostgresServer) -> 
     """Run at every claim: a seek per owner and the live leases, not every queued job."""
     from serve_app.jobs.postgres import FAIR_CLAIM_SQL
 
-    queue = PostgresJobQueue(postgres_srv.create_database("fair_claim"))
-    try:
-        with queue._connect() as db, db.transaction():
-            db.execute("SET LOCAL enable_seqscan = off")  # a tiny table: ask what it can use
-            explain = f"EXPLAIN {FAIR_CLAIM_SQL}"
-            plan = " ".join(row[0] for row in db.execute(explain, {"now": 1.0}))
-        assert "jobs_owner_by_age" in plan and "jobs_leased" in plan, plan
-    finally:
-        queue.close()
+    plan = _postgres_plan(postgres_srv, FAIR_CLAIM_SQL, {"now": 1.0})
+    assert "jobs_owner_by_age" in plan and "jobs_leased" in plan, plan
 
 
 def test_postgres_owner_backlog_reads_its_partial_index(postgres_srv: PostgresServer) -> None:
@@ -593,14 +585,8 @@ def test_postgres_owner_backlog_reads_its_partial_index(postgres_srv: PostgresSe
     the week of finished ones a busy key keeps."""
     from serve_app.jobs.postgres import BACKLOG_SQL
 
-    queue = PostgresJobQueue(postgres_srv.create_database("backlog_index"))
-    try:
-        with queue._connect() as db, db.transaction():
-            db.execute("SET LOCAL enable_seqscan = off")  # a tiny table: ask what it can use
-            plan = " ".join(row[0] for row in db.execute(f"EXPLAIN {BACKLOG_SQL}", ("o",)))
-        assert "jobs_owner_by_age" in plan, plan
-    finally:
-        queue.close()
+    plan = _postgres_plan(postgres_srv, BACKLOG_SQL, ("o",))
+    assert "jobs_owner_by_age" in plan, plan
 
 
 def test_postgres_a_stuck_creation_of_one_key_holds_the_others_for_seconds_only(
