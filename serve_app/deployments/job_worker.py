@@ -34,6 +34,7 @@ from serve_app.api.validation import parse_item
 from serve_app.config import JobsConfig, JobWorkerTuning
 from serve_app.errors import InvalidInput
 from serve_app.jobs import Job, JobQueue, open_job_queue
+from serve_app.jobs.queue import ATTEMPT_IN_PROGRESS
 from serve_app.jobs.webhooks import (
     LOOKUPS_BUSY,
     Attempt,
@@ -338,7 +339,7 @@ class JobWorker:
             "pending",
             attempts,
             fence,
-            "in_progress",
+            ATTEMPT_IN_PROGRESS,
             job.webhook_attempts,
         )
         if not started:  # another worker started this attempt first

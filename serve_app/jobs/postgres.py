@@ -32,6 +32,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from serve_app.errors import QueueBusy
 from serve_app.jobs.queue import (
+    ATTEMPT_IN_PROGRESS,
     Job,
     check_retained,
     check_room,
@@ -132,7 +133,9 @@ FAIR_CLAIM_SQL = (
     "SELECT j.id FROM owner_usage u JOIN jobs j ON j.id = ("
     "SELECT id FROM jobs WHERE owner = u.owner AND state IN ('queued', 'running')"
     " AND lease_until < %(now)s ORDER BY created_at LIMIT 1)"
-    " WHERE u.owner NOT IN (SELECT owner FROM jobs WHERE lease_until >= %(now)s)"
+    " WHERE u.owner NOT IN (SELECT owner FROM jobs WHERE lease_until >= %(now)s"
+    " UNION SELECT owner FROM jobs WHERE webhook_state = 'pending'"
+    " AND webhook_next_at >= %(now)s AND webhook_last_error = %(in_progress)s)"
     " ORDER BY j.created_at LIMIT 1 FOR UPDATE OF j SKIP LOCKED"
 )
 CLAIM_WORK_SQL = (
@@ -422,7 +425,8 @@ class PostgresJobQueue:
         (see :meth:`JobQueue.claim`; as in SQLite)."""
         now = time.time()
         with self._connect() as db, db.transaction():
-            row = db.execute(FAIR_CLAIM_SQL, {"now": now}).fetchone()
+            fair = {"now": now, "in_progress": ATTEMPT_IN_PROGRESS}
+            row = db.execute(FAIR_CLAIM_SQL, fair).fetchone()
             row = row or db.execute(CLAIM_WORK_SQL, {"now": now}).fetchone()
             row = row or db.execute(CLAIM_WEBHOOK_SQL, (now, now)).fetchone()
             if row is None:

@@ -126,6 +126,12 @@ def check_retained(retained: int, new_items: int, max_retained: int) -> None:
         raise RetainedFull(retained)
 
 
+# The error a webhook attempt records when it starts (with ``webhook_next_at`` past its
+# deadline as a fence, and its lease released): an attempt in flight. Claims count its
+# owner as busy, as they do an owner holding a lease.
+ATTEMPT_IN_PROGRESS = "in_progress"
+
+
 class JobQueue(Protocol):
     """A durable, at-least-once queue of jobs with leases, per-item results and webhooks."""
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from serve_app.errors import QueueBusy
 from serve_app.jobs.queue import (
+    ATTEMPT_IN_PROGRESS,
     Job,
     check_retained,
     check_room,
@@ -117,13 +118,15 @@ _JOB_COLUMNS = (
 
 
 # Claims: one query per index, each reading only the rows its partial index holds.
-# First the oldest claimable job among owners holding no lease now (queue.FAIR_CLAIM),
+# First the oldest claimable job among owners holding no lease now (JobQueue.claim),
 # then the oldest of all.
 FAIR_CLAIM_SQL = (
     "SELECT j.id FROM owner_usage u JOIN jobs j ON j.id = ("
     "SELECT id FROM jobs WHERE owner = u.owner AND state IN ('queued', 'running')"
     " AND lease_until < :now ORDER BY created_at LIMIT 1)"
-    " WHERE u.owner NOT IN (SELECT owner FROM jobs WHERE lease_until >= :now)"
+    " WHERE u.owner NOT IN (SELECT owner FROM jobs WHERE lease_until >= :now"
+    " UNION SELECT owner FROM jobs WHERE webhook_state = 'pending'"
+    " AND webhook_next_at >= :now AND webhook_last_error = :in_progress)"
     " ORDER BY j.created_at LIMIT 1"
 )
 CLAIM_WORK_SQL = (
@@ -399,7 +402,8 @@ class SQLiteJobQueue:
         """Lease one job that needs work: queued, abandoned (lease expired) or owed a webhook."""
         now = time.time()
         with self._transaction() as db:
-            row = db.execute(FAIR_CLAIM_SQL, {"now": now}).fetchone()
+            fair = {"now": now, "in_progress": ATTEMPT_IN_PROGRESS}
+            row = db.execute(FAIR_CLAIM_SQL, fair).fetchone()
             row = row or db.execute(CLAIM_WORK_SQL, {"now": now}).fetchone()
             row = row or db.execute(CLAIM_WEBHOOK_SQL, (now, now)).fetchone()
             if row is None:

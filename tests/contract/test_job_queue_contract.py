@@ -24,6 +24,7 @@ from serve_app.jobs import (
     open_job_queue,
 )
 from serve_app.jobs.postgres import PostgresJobQueue
+from serve_app.jobs.queue import ATTEMPT_IN_PROGRESS
 from serve_app.jobs.sqlite import SQLiteJobQueue
 from tests.services import PostgresServer
 
@@ -491,6 +492,12 @@ def test_each_key_with_work_gets_a_worker_before_any_key_gets_a_second(queue: Jo
     queue.create("other", ITEMS[:1], {}, None, None, "o3")
     sixth = queue.claim("w6", 30)  # "other" holds the webhook's lease: the oldest, hog's
     assert sixth is not None and sixth.id == hog[2].id
+    # The attempt starts: the lease is given up for a fence (JobWorker._send_webhook),
+    # and the attempt in flight still counts (it once did not: CI, 2026-12-07).
+    fence = time.time() + 60
+    assert queue.record_webhook(with_hook.id, "pending", 1, fence, ATTEMPT_IN_PROGRESS, 0)
+    seventh = queue.claim("w7", 30)
+    assert seventh is not None and seventh.id == hog[3].id
 
 
 def test_oldest_queued_age_counts_only_jobs_waiting_for_their_first_claim(
@@ -576,7 +583,8 @@ def test_postgres_fair_claim_reads_its_indexes(postgres_srv: PostgresServer) -> 
     """Run at every claim: a seek per owner and the live leases, not every queued job."""
     from serve_app.jobs.postgres import FAIR_CLAIM_SQL
 
-    plan = _postgres_plan(postgres_srv, FAIR_CLAIM_SQL, {"now": 1.0})
+    params = {"now": 1.0, "in_progress": ATTEMPT_IN_PROGRESS}
+    plan = _postgres_plan(postgres_srv, FAIR_CLAIM_SQL, params)
     assert "jobs_owner_by_age" in plan and "jobs_leased" in plan, plan
 
 

@@ -117,7 +117,7 @@ def _plan(queue: SQLiteJobQueue, sql: str, params: tuple[object, ...] | dict[str
 
 def test_claims_read_partial_indexes_not_the_whole_table(queue: SQLiteJobQueue) -> None:
     """An idle poll must not scan every retained job under the write lock."""
-    fair = _plan(queue, FAIR_CLAIM_SQL, {"now": 1.0})
+    fair = _plan(queue, FAIR_CLAIM_SQL, {"now": 1.0, "in_progress": "in_progress"})
     work = _plan(queue, CLAIM_WORK_SQL, {"now": 1.0})
     webhooks = _plan(queue, CLAIM_WEBHOOK_SQL, (1.0, 1.0))
     assert "USING INDEX jobs_owner_by_age" in fair and "jobs_leased" in fair, fair
