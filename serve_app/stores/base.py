@@ -23,15 +23,20 @@ _SCALAR = (str, int, float, bool, type(None))
 _FLOAT_DIGITS = 310
 
 
+def _json_int(digits: str) -> int | float:
+    return int(digits) if len(digits) <= _FLOAT_DIGITS else math.nan
+
+
+# One decoder for every row: json.loads with a keyword builds a new one per call, which
+# doubled the cost of a Redis row (4.4 against 2.2 us).
+_ROWS = json.JSONDecoder(parse_int=_json_int)
+
+
 def loads_rows(text: str | bytes) -> Any:
     """``json.loads`` for what a store holds, where one value cannot fail the rest: Python
     refuses integers of over 4,300 digits with a ValueError, and one such value in a
-    feature API's answer failed every id in it."""
-    return json.loads(text, parse_int=_json_int)
-
-
-def _json_int(digits: str) -> int | float:
-    return int(digits) if len(digits) <= _FLOAT_DIGITS else math.nan
+    feature API's answer failed every id in it. Bytes must be UTF-8 (a ValueError else)."""
+    return _ROWS.decode(text.decode() if isinstance(text, bytes) else text)
 
 
 @dataclass(frozen=True)
