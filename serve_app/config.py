@@ -78,7 +78,7 @@ def check_url(url: str, schemes: tuple[str, ...], what: str) -> str:
     return url
 
 
-_ENV_NAME = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def expand_env(url: str) -> str:
@@ -89,7 +89,7 @@ def expand_env(url: str) -> str:
     """
     expanded = os.path.expandvars(url)
     if "${" in expanded:  # named, never the URL: the rest of it may hold a password
-        unset = sorted(set(_ENV_NAME.findall(expanded)))
+        unset = sorted(set(ENV_REFERENCE.findall(expanded)))
         raise ValueError(f"unset environment variable(s) in a url: {', '.join(unset)}")
     return expanded
 
@@ -355,7 +355,7 @@ class JobsConfig(_Settings):
     store_wait_total_s: float = Field(
         600.0,
         ge=0,
-        description="How long one job waits out such an outage in all; then its unserved "
+        description="How long one claim of a job waits out such an outage; then its unserved "
         "items are stored as failed (store_unavailable) and it goes on, so a store down "
         "for good ends the job.",
     )
@@ -466,8 +466,9 @@ class IngressTuning(_Settings):
         description="Items per Ingress->Model call, at most. Large on purpose: most of a "
         "Model call's cost is fixed (the hop, the scorer's per-call work), so batch requests "
         "merged into calls of up to 1,024 items scored about 1.35x the items/s of 128 "
-        "(1.19x for 128 -> 512, then 1.15x for 512 -> 1,024; loadtests/bench_tuning.py). Single predictions are capped lower anyway, by the "
-        "Ingress's max_ongoing_requests.",
+        "(1.19x for 128 -> 512, then 1.15x for 512 -> 1,024; loadtests/bench_tuning.py). Single predictions rarely reach it: a replica "
+        "holds at most HAProxy's maxconn (96, configs/serve.env) and "
+        "limits.max_inflight_requests requests.",
     )
     coalesce_wait_s: float = Field(
         0.002, ge=0, le=1, description="A free call slot waits this long for more items."
@@ -525,6 +526,20 @@ def read_serve_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise ConfigError(f"{path} is not a Serve config (a mapping with `applications`)")
     return document
+
+
+def variables_read(serve_config: dict[str, Any]) -> list[str]:
+    """Every environment variable a Serve YAML's replicas read: each ``${VAR}`` in it, and
+    the API keys' and webhook secret's variables. Every node that runs replicas needs them
+    (``serve-app node`` checks; ``serve-app k8s`` takes them from a Secret)."""
+    names = set(ENV_REFERENCE.findall(yaml.safe_dump(serve_config)))
+    for application in serve_config.get("applications", []):
+        config = AppConfig.model_validate(application.get("args") or {})
+        if config.auth.enabled:
+            names.add(config.auth.keys_env)
+        if config.jobs.enabled:
+            names.add(config.jobs.webhooks.secret_env)
+    return sorted(names)
 
 
 def load_app_config(path: Path, app_name: str | None = None) -> AppConfig:

@@ -182,8 +182,8 @@ class Ingress:
             app.state,
             CreationSlots(jobs.max_concurrent_creations_per_key, jobs.max_concurrent_creations),
         )
+        self._webhook_secret = read_secret(jobs.webhooks)  # a bad one stops start: before opening
         self._jobs: JobQueue | None = open_job_queue(jobs.queue_url) if jobs.enabled else None
-        self._webhook_secret = read_secret(jobs.webhooks)
         self._job_creator = (
             JobCreator(jobs, self._jobs, self._webhook_secret is not None) if self._jobs else None
         )
@@ -312,12 +312,18 @@ class Ingress:
             task.add_done_callback(self._background.discard)
 
     async def __del__(self) -> None:
-        """Serve calls this when the replica stops: release the queue and cache pools."""
-        if self._job_creator is not None:
-            self._job_creator.close()  # its worker processes end with it
-        if self._jobs is not None:
-            await asyncio.to_thread(self._jobs.close)
-        cache = self._answers.cache
+        """Serve calls this when the replica stops: release the queue and cache pools.
+
+        Also after a failed ``__init__``: what it never made is skipped, or an
+        AttributeError here buried the start-up error in the replica's log."""
+        job_creator: JobCreator | None = getattr(self, "_job_creator", None)
+        if job_creator is not None:
+            job_creator.close()  # its worker processes end with it
+        jobs: JobQueue | None = getattr(self, "_jobs", None)
+        if jobs is not None:
+            await asyncio.to_thread(jobs.close)
+        answers: Answers | None = getattr(self, "_answers", None)
+        cache = answers.cache if answers is not None else None
         if isinstance(cache, SharedPredictionCache):
             await cache.flush()
             await cache.aclose()

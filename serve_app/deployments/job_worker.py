@@ -82,10 +82,10 @@ class JobWorker:
     async def __init__(self, model: DeploymentHandle, jobs: dict[str, Any]) -> None:
         route_to_serve_logs()
         self._config = JobsConfig.model_validate(jobs)
+        self._secret = read_secret(self._config.webhooks)  # a malformed secret stops start
         self._queue: JobQueue = open_job_queue(self._config.queue_url)
         self._model = model
         self._worker = f"{serve.get_replica_context().replica_id.unique_id}-{uuid.uuid4().hex[:6]}"
-        self._secret = read_secret(self._config.webhooks)  # a malformed secret stops start
         self._metrics = JobMetrics()
         self._slots = asyncio.Semaphore(JobWorkerTuning().concurrent_jobs)
         self._depth = 0
@@ -115,7 +115,12 @@ class JobWorker:
         they continue immediately with their unfinished items instead of waiting out the
         lease. A chunk whose results were not stored yet is simply run again: results are
         keyed by (job, index), so every item still appears exactly once.
+
+        After a failed ``__init__`` there is nothing to stop (its last step starts the
+        loops); an AttributeError here buried the start-up error in the replica's log.
         """
+        if not hasattr(self, "_housekeeping"):
+            return
         tasks = (self._loop, self._housekeeping, *self._running)
         for task in tasks:
             task.cancel()

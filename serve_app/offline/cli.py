@@ -74,6 +74,24 @@ def _run(args: argparse.Namespace) -> int:
     return 0  # not reached: exec_serve_run became `serve run`
 
 
+def _node(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from serve_app.errors import ConfigError
+    from serve_app.offline.node import exec_ray_start
+
+    ray_args = args.ray_args[1:] if args.ray_args[:1] == ["--"] else args.ray_args
+    try:
+        exec_ray_start(Path(args.config), Path(args.env_file), ray_args)
+    except (ConfigError, OSError) as exc:
+        print(f"node: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # the app's args are invalid (values never echoed)
+        print(f"node: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    return 0  # not reached: exec_ray_start became `ray start --block`
+
+
 def _webhook_secret(args: argparse.Namespace) -> int:
     """Print the secret that signs one API key's webhooks (hand it out with the key)."""
     from serve_app.api.auth import KEY_ID, KeyEntry, parse_entry
@@ -200,6 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", nargs="?", default="configs/config.yaml")
     run.add_argument("--env-file", default="configs/serve.env")
     run.set_defaults(run=_run)
+    node = commands.add_parser(
+        "node",
+        help="ray start --block for one node of a cluster: configs/serve.env, the config's "
+        "variables checked, Ray's token auth on (serve-app node -- --head)",
+    )
+    node.add_argument("--config", default="configs/cluster.yaml")
+    node.add_argument("--env-file", default="configs/serve.env")
+    node.add_argument("ray_args", nargs=argparse.REMAINDER, help="-- then ray start's arguments")
+    node.set_defaults(run=_node)
     secret = commands.add_parser(
         "webhook-secret", help="print the secret that signs one API key's webhooks"
     )

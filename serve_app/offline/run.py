@@ -29,6 +29,7 @@ from pathlib import Path
 
 from serve_app.config import read_env_file
 from serve_app.errors import ConfigError
+from serve_app.offline.ray_token import AUTH_MODE_ENV, ensure_token
 
 # Ray's variables for HAProxy's files, and the name of each file in the private directory
 # ("" for the directory itself).
@@ -81,18 +82,25 @@ def default_haproxy_dir(env: dict[str, str]) -> Path:
     return Path("/tmp") / f"serve-app-{os.getuid()}"
 
 
+def installed_command(name: str) -> str:
+    """The path of Ray's command ``name``: the one beside this Python first (its venv)."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise ConfigError(f"`{name}` (Ray's command) is not installed here")
+    return found
+
+
 def serve_command(config: str) -> list[str]:
     """``serve run CONFIG``, with the ``serve`` of this Python's environment first."""
-    beside = Path(sys.executable).with_name("serve")
-    serve = str(beside) if beside.exists() else shutil.which("serve")
-    if serve is None:
-        raise ConfigError("`serve` (Ray Serve's command) is not installed here")
-    return [serve, "run", config]
+    return [installed_command("serve"), "run", config]
 
 
 def exec_serve_run(config: str, env_file: Path) -> None:
     """Replace this process by ``serve run`` (never returns)."""
     env = run_environment(env_file, dict(os.environ), default_haproxy_dir(dict(os.environ)))
+    if env.get(AUTH_MODE_ENV, "token") == "token":  # Ray's local default: token auth on
+        print(f"run: {ensure_token(env, create=True)}", file=sys.stderr)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # kept across exec, unlike a handler
     command = serve_command(config)
     os.execve(command[0], command, env)
