@@ -49,7 +49,9 @@ async def read_body_bytes(request: Request, max_bytes: int, timeout_s: float) ->
     if content_type and "json" not in content_type.split(";")[0].lower():
         raise UnsupportedMediaType(f"content-type must be application/json, not {content_type!r}")
     header = request.headers.get("content-length")
-    declared = int(header) if header is not None and header.isdigit() else None
+    # isascii: str.isdigit() also passes "²", which int() refuses (a 500). The replicas'
+    # HTTP parser refuses such a header first; this must not depend on it.
+    declared = int(header) if header is not None and header.isascii() and header.isdigit() else None
     if declared is not None and declared > max_bytes:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
     reading = read_at_most(

@@ -56,6 +56,12 @@ IN_PROCESS_MAX_BYTES = 1 << 20
 # replicas on 2 cores) one of eight concurrent 16 MB posts ran past Serve's 30 s request
 # timeout (408) in a CI run of 2026-11-30; one per replica keeps each creation well inside it.
 WORKER_PROCESSES = 1
+# What a refused item's stored error may hold. Errors echo the caller's field names, and
+# each distinct error is stored once: a 14.5 MB body of items with 16 distinct unknown
+# fields each took 474 MB of queue files (kept for days), and one key could fill a disk.
+STORED_DETAILS = 3  # per item: the first three problems
+STORED_LOC_CHARS = 64  # per field name or path element echoed
+DISTINCT_ERRORS = 1_000  # per job: later items with new errors keep code and message only
 
 
 @dataclass
@@ -87,10 +93,33 @@ def prepare_job(body: Any, max_items: int, raw: bytes | None = None) -> Prepared
             items.append(parse_item(raw_item))
         except InvalidInput as exc:
             items.append(None)
-            error = {"ok": False, "error": exc.to_dict()}
+            error = {"ok": False, "error": stored_error(exc.to_dict(), len(shared))}
             rejected[index] = shared.setdefault(json.dumps(error, sort_keys=True), error)
     canonical = raw if raw is not None else json.dumps(body, sort_keys=True).encode()
     return PreparedJob(items, rejected, request.callback_url, hashlib.sha256(canonical).hexdigest())
+
+
+def stored_error(error: dict[str, Any], distinct_so_far: int) -> dict[str, Any]:
+    """A refused item's error as stored with its job: bounded (see ``STORED_DETAILS``).
+
+    The code and message always stay; what was cut is said, never silently dropped."""
+    details = error.get("details")
+    if not details:
+        return error
+    if distinct_so_far >= DISTINCT_ERRORS:
+        kept: list[Any] = []
+    else:
+        kept = [_short_detail(detail) for detail in details[:STORED_DETAILS]]
+    if len(kept) < len(details):
+        kept.append({"type": "more_errors_not_kept", "count": len(details) - len(kept)})
+    return {**error, "details": kept}
+
+
+def _short_detail(detail: Any) -> Any:
+    if not isinstance(detail, dict) or not isinstance(detail.get("loc"), list):
+        return detail
+    loc = [part[:STORED_LOC_CHARS] if isinstance(part, str) else part for part in detail["loc"]]
+    return {**detail, "loc": loc}
 
 
 _QUEUES: dict[str, JobQueue] = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.api.job_input import IN_PROCESS_MAX_BYTES, WORKER_PROCESSES, JobCreator
+from serve_app.api.job_input import IN_PROCESS_MAX_BYTES, WORKER_PROCESSES, JobCreator, prepare_job
 from serve_app.config import JobsConfig
 from serve_app.errors import (
     Conflict,
@@ -215,3 +215,29 @@ def test_a_killed_parsing_worker_is_a_503_and_the_next_body_gets_a_fresh_one(
         asyncio.run(scenario())
     finally:
         creator.close()
+
+
+def test_refused_items_errors_are_stored_bounded_whatever_the_caller_echoes(
+    tmp_path: Path,
+) -> None:
+    """Each distinct error is stored once, and errors echo the caller's field names: items
+    with distinct unknown fields made a job's stored errors grow with its body (474 MB of
+    queue files for one 14.5 MB body). Every item is still refused, with its reason."""
+    items = [
+        {"entity_id": "E1", **{f"{i}-{j}-" + "x" * 200: 1 for j in range(15)}} for i in range(3_000)
+    ]
+    prepared = prepare_job({"items": items}, max_items=100_000)
+    stored = {json.dumps(error, sort_keys=True) for error in prepared.rejected.values()}
+    assert sum(map(len, stored)) < 1_000_000  # 13.3 MB before: 3,000 distinct errors of 15
+    assert len(prepared.rejected) == 3_000 and all(i is None for i in prepared.items)
+    first = prepared.rejected[0]["error"]
+    assert first["code"] == "invalid_input" and len(first["details"]) == 4
+    assert first["details"][0]["type"] == "extra_forbidden"
+    assert len(first["details"][0]["loc"][0]) == 64
+    assert first["details"][-1] == {"type": "more_errors_not_kept", "count": 12}
+    last = prepared.rejected[2_999]["error"]
+    assert last["code"] == "invalid_input"
+    assert last["details"] == [{"type": "more_errors_not_kept", "count": 15}]
+    queue = SQLiteJobQueue(tmp_path / "jobs.db")
+    job, _ = queue.create("k", prepared.items, prepared.rejected, None, None, "h")
+    assert queue.results(job.id, 0, 1)[0]["error"] == first

@@ -65,3 +65,19 @@ def test_an_answer_after_the_whole_body_keeps_the_connection() -> None:
 def test_small_bodies_are_left_alone(headers: Headers) -> None:
     """HAProxy forwards them whole: they are in the server's buffer already."""
     assert (b"connection", b"close") not in _answer_headers(_answer_at_once, headers)
+
+
+def test_a_content_length_of_non_ascii_digits_is_not_a_500() -> None:
+    """``"²".isdigit()`` is true and ``int("²")`` raises: such a header was a ValueError
+    (a 500 had the HTTP parser in front ever let it through); now it is ignored and the
+    body is read and bounded as it streams."""
+    from starlette.requests import Request
+
+    from serve_app.api.body import read_body_bytes
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    headers = [(b"content-length", "²".encode("latin-1"))]
+    request = Request({"type": "http", "method": "POST", "headers": headers}, receive)
+    assert asyncio.run(read_body_bytes(request, max_bytes=1024, timeout_s=1.0)) == b"{}"
