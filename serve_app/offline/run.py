@@ -99,7 +99,9 @@ def serve_command(config: str) -> list[str]:
 def exec_serve_run(config: str, env_file: Path) -> None:
     """Replace this process by ``serve run`` (never returns)."""
     env = run_environment(env_file, dict(os.environ), default_haproxy_dir(dict(os.environ)))
-    if env.get(AUTH_MODE_ENV, "token") == "token":  # Ray's local default: token auth on
+    # A local cluster (Ray's default for it: token auth on) gets its token file made
+    # 0600 before Ray makes it 0644; joining a cluster (RAY_ADDRESS) is left to Ray.
+    if env.get(AUTH_MODE_ENV, "token") == "token" and not env.get("RAY_ADDRESS"):
         print(f"run: {ensure_token(env, create=True)}", file=sys.stderr)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # kept across exec, unlike a handler
     command = serve_command(config)
