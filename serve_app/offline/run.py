@@ -23,6 +23,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import stat
 import sys
 from pathlib import Path
@@ -96,13 +97,44 @@ def serve_command(config: str) -> list[str]:
     return [installed_command("serve"), "run", config]
 
 
+def ray_address_file(env: dict[str, str]) -> Path:
+    """Where ``ray start`` notes its cluster's address for a later ``ray.init()``: Ray's
+    ``get_ray_address_file(None)`` (``$RAY_TMPDIR/ray``, else ``/tmp/ray``, on Linux),
+    computed here so as not to import Ray to find a file name."""
+    return Path(env.get("RAY_TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+
+
+def forget_dead_cluster(address_file: Path) -> str | None:
+    """Remove Ray's note of the last ``ray start`` cluster when nothing listens there.
+
+    With no ``RAY_ADDRESS``, ``ray.init()`` (so ``serve run``) joins the cluster that file
+    names, and a ``ray start --block`` stopped by a signal (``serve-app node`` and Ctrl-C)
+    leaves it behind: ``serve run`` then waited for a dead GCS forever, deaf to Ctrl-C.
+    A live cluster is joined as before (Ray's own behaviour).
+    """
+    try:
+        address = address_file.read_text().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return None
+    except (OSError, ValueError):
+        address_file.unlink(missing_ok=True)
+        return f"removed {address_file}: the Ray cluster it named ({address}) is gone"
+
+
 def exec_serve_run(config: str, env_file: Path) -> None:
     """Replace this process by ``serve run`` (never returns)."""
     env = run_environment(env_file, dict(os.environ), default_haproxy_dir(dict(os.environ)))
     # A local cluster (Ray's default for it: token auth on) gets its token file made
     # 0600 before Ray makes it 0644; joining a cluster (RAY_ADDRESS) is left to Ray.
-    if env.get(AUTH_MODE_ENV, "token") == "token" and not env.get("RAY_ADDRESS"):
-        print(f"run: {ensure_token(env, create=True)}", file=sys.stderr)
+    if not env.get("RAY_ADDRESS"):
+        if forgotten := forget_dead_cluster(ray_address_file(env)):
+            print(f"run: {forgotten}", file=sys.stderr)
+        if env.get(AUTH_MODE_ENV, "token") == "token":
+            print(f"run: {ensure_token(env, create=True)}", file=sys.stderr)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # kept across exec, unlike a handler
     command = serve_command(config)
     os.execve(command[0], command, env)

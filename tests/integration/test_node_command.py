@@ -39,6 +39,7 @@ from loadtests.launch import free_port
 from serve_app.config import AppConfig
 from serve_app.offline.artifacts import build_artifacts
 from serve_app.offline.load_features import load_into_redis, read_input
+from serve_app.offline.run import ray_address_file
 from serve_app.scoring.artifact import MODEL_FILE, sha256_of
 from serve_app.secret_files import new_webhook_secret
 from tests.services import postgres_server, redis_server
@@ -131,6 +132,12 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 "queue_url": env["SERVE_APP_POSTGRES_URL"],
             }
         finally:
+            # `ray start` noted this cluster for later `ray.init()` calls; stopped by a
+            # signal, it leaves the note behind, and the session's cluster would try to
+            # join the dead head (`serve-app run` itself removes a dead note).
+            note = ray_address_file(dict(os.environ))
+            if note.exists() and note.read_text().strip().endswith(f":{gcs}"):
+                note.unlink()
             for process in started:  # the test stops them; this only mops up after a failure
                 if process.poll() is None:
                     for child in psutil.Process(process.pid).children(recursive=True):

@@ -13,7 +13,9 @@ from serve_app.errors import ConfigError
 from serve_app.offline.run import (
     HAPROXY_FILES,
     default_haproxy_dir,
+    forget_dead_cluster,
     private_dir,
+    ray_address_file,
     run_environment,
 )
 
@@ -76,3 +78,22 @@ def test_a_directory_of_another_user_is_refused(
     monkeypatch.setattr(os, "getuid", lambda: made.stat().st_uid + 1)  # as another user
     with pytest.raises(ConfigError, match="belongs to uid"):
         private_dir(made)
+
+
+def test_a_dead_clusters_address_note_is_removed_and_a_live_ones_kept(tmp_path: Path) -> None:
+    """``ray start --block`` stopped by a signal leaves ``ray_current_cluster`` behind, and
+    ``serve run`` then waited for that dead GCS forever (seen after ``serve-app node``)."""
+    import socket
+
+    note = ray_address_file({"RAY_TMPDIR": str(tmp_path)})
+    assert note == tmp_path / "ray" / "ray_current_cluster"
+    assert forget_dead_cluster(note) is None  # no note: nothing to do
+    note.parent.mkdir()
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        note.write_text(f"127.0.0.1:{port}")
+        assert forget_dead_cluster(note) is None and note.exists()  # alive: joined, as Ray does
+    said = forget_dead_cluster(note)  # the same port, closed now
+    assert said is not None and f"127.0.0.1:{port}" in said and not note.exists()
