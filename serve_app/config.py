@@ -466,9 +466,9 @@ class IngressTuning(_Settings):
         description="Items per Ingress->Model call, at most. Large on purpose: most of a "
         "Model call's cost is fixed (the hop, the scorer's per-call work), so batch requests "
         "merged into calls of up to 1,024 items scored about 1.35x the items/s of 128 "
-        "(1.19x for 128 -> 512, then 1.15x for 512 -> 1,024; loadtests/bench_tuning.py). Single predictions rarely reach it: a replica "
-        "holds at most HAProxy's maxconn (96, configs/serve.env) and "
-        "limits.max_inflight_requests requests.",
+        "(1.19x for 128 -> 512, then 1.15x for 512 -> 1,024; loadtests/bench_tuning.py). "
+        "Single predictions rarely reach it: a replica holds at most HAProxy's maxconn "
+        "(96, configs/serve.env) and limits.max_inflight_requests requests.",
     )
     coalesce_wait_s: float = Field(
         0.002, ge=0, le=1, description="A free call slot waits this long for more items."

@@ -12,8 +12,8 @@ placed on it failed, over and over. So before it becomes ``ray start --block``:
   with their names (never their values); the API keys and the webhook secret must parse
   as a replica will parse them;
 * Ray's token auth is on (``RAY_AUTH_MODE=token``). Ray 2.60 leaves it off for
-  ``ray start`` unless a token file happens to exist, and anyone who reaches an open GCS or dashboard can run code on every
-  node. The head creates the token file (mode 0600; Ray writes it 0644) when missing;
+  ``ray start`` unless a token file happens to exist, and anyone who reaches an open GCS
+  or dashboard can run code on every node. The head creates the token file (mode 0600; Ray writes it 0644) when missing;
   any other node needs the head's token and is refused without one;
 * SIGINT is restored and ``--block`` added, so Ctrl-C, or a service manager's SIGTERM,
   stops the node's Ray processes with it.
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from serve_app.api.auth import env_entries
 from serve_app.config import ENV_REFERENCE, AppConfig, read_serve_yaml, variables_read
@@ -53,18 +54,27 @@ def role(ray_args: list[str]) -> str:
 def missing_variables(serve_config: dict[str, Any], env: dict[str, str]) -> list[str]:
     """The variables the config reads that ``env`` does not set (or sets empty).
 
-    The ``${VAR}`` references are looked at first, as text: validating the config expands
-    them, and an empty one would surface as a puzzling "url must start with" instead.
+    The ``${VAR}`` references are read as text too: validating the config (which names
+    the key and secret variables) expands them, and fails on an empty one.
     """
     referenced = set(ENV_REFERENCE.findall(yaml.safe_dump(serve_config)))
-    missing = sorted(name for name in referenced if not env.get(name))
-    return missing or [name for name in variables_read(serve_config) if not env.get(name)]
+    try:
+        every = set(variables_read(serve_config))
+    except ValidationError:  # an empty ${VAR}: it is among ``referenced``
+        every = referenced
+    return sorted(name for name in every | referenced if not env.get(name))
 
 
-def check_secret_values(serve_config: dict[str, Any]) -> None:
-    """The API keys and the webhook secret, parsed as a replica will parse them (from this
-    process's environment, which ``ray start`` passes on): a malformed one is refused
-    here, not in a replica that then restarts forever. Errors never show the values."""
+def check_node_variables(serve_config: dict[str, Any]) -> None:
+    """Refuse a node whose replicas could not start: a variable the config reads unset,
+    or API keys or a webhook secret a replica would not parse (read from this process's
+    environment, which ``ray start`` passes on). Errors name variables, never values."""
+    missing = missing_variables(serve_config, dict(os.environ))
+    if missing:
+        raise ConfigError(
+            f"the config reads {', '.join(missing)}, not set here: every node needs them "
+            "in the environment of its ray start (its replicas read them)"
+        )
     for application in serve_config.get("applications", []):
         config = AppConfig.model_validate(application.get("args") or {})
         if config.auth.enabled:
@@ -74,15 +84,9 @@ def check_secret_values(serve_config: dict[str, Any]) -> None:
 
 
 def node_environment(
-    config_path: Path, env_file: Path, base: dict[str, str], head: bool
+    env_file: Path, base: dict[str, str], head: bool
 ) -> tuple[dict[str, str], list[str]]:
-    """The environment ``ray start`` gets, and what was checked or done (for the log)."""
-    missing = missing_variables(read_serve_yaml(config_path), base)
-    if missing:
-        raise ConfigError(
-            f"{config_path} reads {', '.join(missing)}, not set here: every node needs "
-            "them in the environment of its ray start (its replicas read them)"
-        )
+    """The environment ``ray start`` gets, and what was done (for the log)."""
     env = run_environment(env_file, base, default_haproxy_dir(base))
     haproxy_dir = Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
     notes = [f"{env_file} applied", f"HAProxy's files in {haproxy_dir}"]
@@ -102,8 +106,8 @@ def ray_start_command(ray_args: list[str]) -> list[str]:
 def exec_ray_start(config_path: Path, env_file: Path, ray_args: list[str]) -> None:
     """Replace this process by ``ray start --block`` (never returns)."""
     head = role(ray_args) == "head"
-    env, notes = node_environment(config_path, env_file, dict(os.environ), head)
-    check_secret_values(read_serve_yaml(config_path))
+    check_node_variables(read_serve_yaml(config_path))  # before anything is made
+    env, notes = node_environment(env_file, dict(os.environ), head)
     command = ray_start_command(ray_args)
     for note in notes:
         print(f"node: {note}", file=sys.stderr)

@@ -119,10 +119,17 @@ def forget_dead_cluster(address_file: Path) -> str | None:
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=1.0):
-            return None
-    except (OSError, ValueError):
+            return None  # alive
+    except (OSError, ValueError):  # refused, unreachable, or not an address at all
+        pass
+    try:
         address_file.unlink(missing_ok=True)
-        return f"removed {address_file}: the Ray cluster it named ({address}) is gone"
+    except OSError as exc:  # another user's note in the shared /tmp/ray
+        raise ConfigError(
+            f"{address_file} names a Ray cluster that is gone ({address}) and cannot be "
+            f"removed ({exc.strerror}): remove it, or serve run waits for that cluster"
+        ) from exc
+    return f"removed {address_file}: the Ray cluster it named ({address}) is gone"
 
 
 def exec_serve_run(config: str, env_file: Path) -> None:

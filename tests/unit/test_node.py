@@ -15,7 +15,7 @@ from serve_app.config import read_serve_yaml
 from serve_app.errors import ConfigError
 from serve_app.offline.cli import main
 from serve_app.offline.node import (
-    check_secret_values,
+    check_node_variables,
     missing_variables,
     node_environment,
     ray_start_command,
@@ -77,7 +77,7 @@ def test_a_malformed_key_or_secret_is_refused_before_ray_starts(
 ) -> None:
     for variable, good in {**NODE_VARIABLES, "HOME": str(tmp_path)}.items():
         monkeypatch.setenv(variable, good)
-    assert check_secret_values(read_serve_yaml(CLUSTER)) is None  # the good ones pass
+    assert check_node_variables(read_serve_yaml(CLUSTER)) is None  # the good ones pass
     monkeypatch.setenv(name, value)
     code = main(["node", "--config", str(CLUSTER), "--", "--head"])
     err = capsys.readouterr().err
@@ -102,7 +102,7 @@ def test_ray_start_blocks_so_a_signal_stops_the_node() -> None:
 def test_the_head_gets_serve_env_private_haproxy_files_and_a_private_token(
     tmp_path: Path,
 ) -> None:
-    env, notes = node_environment(CLUSTER, SERVE_ENV, _base(tmp_path), head=True)
+    env, notes = node_environment(SERVE_ENV, _base(tmp_path), head=True)
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_AUTH_MODE"] == "token"
     haproxy_dir = Path(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent
     assert stat.S_IMODE(haproxy_dir.stat().st_mode) == 0o700
@@ -111,17 +111,15 @@ def test_the_head_gets_serve_env_private_haproxy_files_and_a_private_token(
     assert len(token.read_text()) == 64  # 256 bits, as `ray get-auth-token --generate`
     assert any("copy it to every other node" in note for note in notes)
     first = token.read_text()
-    _, notes = node_environment(CLUSTER, SERVE_ENV, _base(tmp_path), head=True)
+    _, notes = node_environment(SERVE_ENV, _base(tmp_path), head=True)
     assert token.read_text() == first and notes[-1] == f"Ray's token in {token}"  # kept
 
 
 def test_another_node_without_the_heads_token_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="copy the head's token"):
-        node_environment(CLUSTER, SERVE_ENV, _base(tmp_path), head=False)
+        node_environment(SERVE_ENV, _base(tmp_path), head=False)
     assert not token_path(_base(tmp_path)).exists()  # never made up on a worker
-    env, notes = node_environment(
-        CLUSTER, SERVE_ENV, _base(tmp_path, RAY_AUTH_TOKEN="t" * 64), head=False
-    )
+    env, notes = node_environment(SERVE_ENV, _base(tmp_path, RAY_AUTH_TOKEN="t" * 64), head=False)
     assert env["RAY_AUTH_TOKEN"] == "t" * 64 and "from RAY_AUTH_TOKEN" in notes[-1]
 
 
@@ -144,8 +142,6 @@ def test_a_token_others_can_read_is_narrowed_and_one_of_another_user_refused(
 
 
 def test_an_explicit_opt_out_of_token_auth_is_kept_and_said(tmp_path: Path) -> None:
-    env, notes = node_environment(
-        CLUSTER, SERVE_ENV, _base(tmp_path, RAY_AUTH_MODE="disabled"), head=True
-    )
+    env, notes = node_environment(SERVE_ENV, _base(tmp_path, RAY_AUTH_MODE="disabled"), head=True)
     assert env["RAY_AUTH_MODE"] == "disabled" and "token auth is OFF" in notes[-1]
     assert not token_path(env).exists()

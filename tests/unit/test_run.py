@@ -97,3 +97,17 @@ def test_a_dead_clusters_address_note_is_removed_and_a_live_ones_kept(tmp_path: 
         assert forget_dead_cluster(note) is None and note.exists()  # alive: joined, as Ray does
     said = forget_dead_cluster(note)  # the same port, closed now
     assert said is not None and f"127.0.0.1:{port}" in said and not note.exists()
+
+
+def test_a_dead_note_that_cannot_be_removed_is_refused_with_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    note = tmp_path / "ray_current_cluster"
+    note.write_text("127.0.0.1:1")  # nothing listens on port 1
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(1, "Operation not permitted")  # another user's, in /tmp/ray
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with pytest.raises(ConfigError, match=r"cannot be removed .*remove it"):
+        forget_dead_cluster(note)
