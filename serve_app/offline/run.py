@@ -117,8 +117,8 @@ def forget_dead_cluster(address_file: Path) -> str | None:
     except OSError:
         return None
     host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=1.0):
+    try:  # "[::1]:6379" too: a live IPv6 head must not read as gone
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
             return None  # alive
     except (OSError, ValueError):  # refused, unreachable, or not an address at all
         pass

@@ -95,6 +95,12 @@ def test_a_dead_clusters_address_note_is_removed_and_a_live_ones_kept(tmp_path: 
         port = listening.getsockname()[1]
         note.write_text(f"127.0.0.1:{port}")
         assert forget_dead_cluster(note) is None and note.exists()  # alive: joined, as Ray does
+    with socket.socket(socket.AF_INET6) as listening:
+        listening.bind(("::1", 0))
+        listening.listen()
+        note.write_text(f"[::1]:{listening.getsockname()[1]}")
+        assert forget_dead_cluster(note) is None and note.exists()  # IPv6, bracketed
+    note.write_text(f"127.0.0.1:{port}")
     said = forget_dead_cluster(note)  # the same port, closed now
     assert said is not None and f"127.0.0.1:{port}" in said and not note.exists()
 
