@@ -33,7 +33,9 @@ def test_a_second_freeze_leaves_what_came_since_collectable() -> None:
     frozen = gc.get_freeze_count()
     in_flight = [[i] for i in range(10_000)]  # tracked objects made after start
     tune_gc(freeze=True, young_threshold=30_000)
-    assert gc.get_freeze_count() == frozen, "objects made after the first freeze were frozen"
+    # <=, not ==: a frozen object freed meanwhile (a thread of an earlier test) leaves the
+    # count; a second freeze would add the 10,000 above (a CI run saw 346,195 vs 346,197).
+    assert gc.get_freeze_count() <= frozen, "objects made after the first freeze were frozen"
     assert gc.get_threshold()[0] == 30_000
     del in_flight
 
