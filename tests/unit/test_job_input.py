@@ -4,6 +4,7 @@ a thread; errors come back whole either way."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import pickle
@@ -16,7 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.api.job_input import IN_PROCESS_MAX_BYTES, WORKER_PROCESSES, JobCreator, prepare_job
+from serve_app.api.job_input import (
+    IN_PROCESS_MAX_BYTES,
+    WORKER_PROCESSES,
+    JobCreator,
+    prepare_job,
+)
 from serve_app.config import JobsConfig
 from serve_app.errors import (
     Conflict,
@@ -157,6 +163,36 @@ def test_a_caller_that_goes_away_leaves_its_worker_counted_busy(
     asyncio.run(scenario())
 
 
+def test_a_large_resend_gets_its_job_without_a_parsing_worker(slow_creator: SlowCreator) -> None:
+    """A resend of a 16 MB job was parsed again in the replica's one parsing process
+    (2.4 s for 2.9 MB), and meanwhile other keys' large jobs got 503: now the stored job
+    is found by the key and the raw bytes' digest first, even with every worker busy."""
+    creator, large = slow_creator.creator, slow_creator.large
+    stored, _created = creator._queue.create(
+        "alice",
+        [None],
+        {0: {"ok": False}},
+        None,
+        "k1",
+        hashlib.sha256(large).hexdigest(),
+        max_backlog=10,
+    )
+
+    async def scenario() -> None:
+        busy = asyncio.create_task(creator.create(large, "bob", None))
+        await asyncio.to_thread(slow_creator.started.acquire)
+        again, created = await creator.create(large, "alice", "k1")
+        assert again.id == stored.id and not created
+        with pytest.raises(Conflict):  # the key with another body: 409, still unparsed
+            await creator.create(large + b" ", "alice", "k1")
+        with pytest.raises(Overloaded):  # a new job still waits for a worker
+            await creator.create(large, "alice", "k2")
+        slow_creator.release.set()
+        assert await busy == ("job", True)
+
+    asyncio.run(scenario())
+
+
 def test_a_resend_gets_its_job_even_when_its_own_items_fill_the_quota(tmp_path: Path) -> None:
     """HAProxy and clients resend a creation with its Idempotency-Key when the answer was
     lost. The quota counted the job's own items against the resend: a 429, and the
@@ -193,6 +229,10 @@ def test_a_killed_parsing_worker_is_a_503_and_the_next_body_gets_a_fresh_one(
     large = body(20_000)
 
     async def kill_the_worker() -> None:
+        for _ in range(500):  # made once the replay look-up found no job
+            if creator._pool is not None:
+                break
+            await asyncio.sleep(0.01)
         pool = creator._pool
         assert pool is not None
         while not pool._processes:  # started on the first submit
@@ -202,7 +242,6 @@ def test_a_killed_parsing_worker_is_a_503_and_the_next_body_gets_a_fresh_one(
 
     async def scenario() -> None:
         creating = asyncio.ensure_future(creator.create(large, "alice", "k1"))
-        await asyncio.sleep(0)  # submitted: the pool exists
         await kill_the_worker()
         with pytest.raises(JobWorkerLost) as caught:
             await creating
