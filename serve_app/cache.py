@@ -121,7 +121,7 @@ class SingleFlightCache(Generic[K, V]):
 
 
 class PredictionCache:
-    """LRU with TTL for finished predictions, keyed by model version, entity and fields.
+    """LRU with TTL for finished predictions, keyed by model version, caller, entity and fields.
 
     Only clean answers are cached: degraded answers and errors are not, so a store outage
     does not linger in the cache after the store comes back.
@@ -181,7 +181,9 @@ class SharedPredictionCache(PredictionCache):
     pipeline of ``SET ... PX ttl`` (expiry is Redis's TTL). Keys carry the model version,
     so a new model never serves an old model's answers::
 
-        serve_app:pred:v2:{model_version}:{json [entity_id, amount, hour, channel]}
+        serve_app:pred:v3:{model_version}:{json [owner, entity_id, amount, hour, channel]}
+
+    (``owner`` is the caller's key id with ``scope: per_key``, empty when shared.)
           -> json [expires_at (Unix time), answer]
 
     The value carries its expiry so that a copy made late in its life keeps only the
@@ -193,7 +195,7 @@ class SharedPredictionCache(PredictionCache):
     than ``timeout_s`` is counted and skipped, and the request is scored as a miss.
     """
 
-    PREFIX = "serve_app:pred:v2:"
+    PREFIX = "serve_app:pred:v3:"
 
     def __init__(
         self,

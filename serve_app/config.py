@@ -179,6 +179,12 @@ class PredictionCacheConfig(_Settings):
     enabled: bool = True
     maxsize: int = Field(100_000, ge=1)
     ttl_s: float = Field(300.0, gt=0)
+    scope: Literal["per_key", "shared"] = Field(
+        "per_key",
+        description="per_key: each API key id has its own entries, so a hit (its "
+        "`cached: true`, its speed) tells a caller only what it asked itself; shared: "
+        "callers share hits, and learn which (entity, context) others scored within ttl_s.",
+    )
     url: str | None = Field(
         None,
         description="redis://HOST:PORT/DB: Ingress replicas on every node share hits "
@@ -228,6 +234,14 @@ class LimitsConfig(_Settings):
         ge=1,
         description="Per Ingress replica, a backstop behind max_queue_delay_s: past it 503 "
         "+ Retry-After at once. Keep it below the Ingress's max_ongoing_requests.",
+    )
+    max_uploads_per_key: int = Field(
+        16,
+        ge=1,
+        description="Per Ingress replica and API key: request bodies still arriving. One "
+        "more is a 429 for that key alone (with auth on). Admitted requests count against "
+        "everyone's admission until their bodies are in, so without it one key's stalled "
+        "uploads held the backstop and other keys got 503 for up to body_read_timeout_s.",
     )
 
     @model_validator(mode="before")

@@ -23,6 +23,7 @@ from serve_app.api.admission import SCOPE_KEY as ADMITTED_IN_SCOPE
 from serve_app.api.admission import Admission
 from serve_app.api.auth import KeyChecker
 from serve_app.api.body import read_json_body
+from serve_app.api.uploads import UploadSlots
 from serve_app.config import AppConfig
 
 
@@ -33,6 +34,7 @@ class ApiContext:
     config: AppConfig
     auth: KeyChecker
     admission: Admission
+    uploads: UploadSlots | None = None  # per-key bodies arriving; None with auth off
 
 
 def install_context(app: FastAPI, context: ApiContext) -> None:

@@ -59,6 +59,7 @@ from serve_app.api.schemas import (
     PredictRequest,
     PredictResponse,
 )
+from serve_app.api.uploads import UploadSlots
 from serve_app.api.validation import check_item_count, parse_body, parse_item, parse_items
 from serve_app.cache import PredictionCache, SharedPredictionCache, SingleFlightCache
 from serve_app.config import AppConfig, IngressTuning, PredictionCacheConfig, expand_env
@@ -95,6 +96,11 @@ install_method_not_allowed(app)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 409, 413, 415, 422, 502, 503)
+}
+# The scoring routes: one key with limits.max_uploads_per_key bodies arriving gets 429.
+_SCORING_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    429: {"model": ErrorResponse, "description": "This key has too many bodies arriving."},
 }
 JobId = Annotated[str, Path(description="The id returned by POST /v1/jobs.")]
 # Printable ASCII, spaces only inside: an empty key (a client template whose variable
@@ -172,6 +178,11 @@ class Ingress:
                     self._config.limits.max_queue_delay_s,
                     self._config.limits.max_inflight_requests,
                 ),
+                uploads=(
+                    UploadSlots(self._config.limits.max_uploads_per_key)
+                    if self._config.auth.enabled
+                    else None
+                ),
             ),
         )
         self._model = model
@@ -188,7 +199,7 @@ class Ingress:
             JobCreator(jobs, self._jobs, self._webhook_secret is not None) if self._jobs else None
         )
         cache = self._config.prediction_cache
-        self._answers = Answers(_prediction_cache(cache))
+        self._answers = Answers(_prediction_cache(cache), per_key=cache.scope == "per_key")
         self._background: set[asyncio.Task[None]] = set()
         # /readyz is open: at most one check (a Model call, a FeatureFetcher call and a
         # store ping) per replica a second however often anyone asks, shared by callers.
@@ -287,7 +298,7 @@ class Ingress:
         cache = self._answers.cache
         self._metrics.sync_prediction_cache(cache.hits, cache.misses)
 
-    async def _shared_prefetch(self, entries: list[Item | InvalidInput]) -> None:
+    async def _shared_prefetch(self, entries: list[Item | InvalidInput], owner: str) -> None:
         """With a shared cache: copy other replicas' answers for these items first.
 
         Invalid entries are skipped; duplicates cost nothing (one MGET of distinct keys).
@@ -297,7 +308,7 @@ class Ingress:
         if isinstance(cache, SharedPredictionCache) and version is not None:
             await cache.prefetch(
                 [
-                    (version, *item_key(entry))
+                    self._answers.cache_key(item_key(entry), owner, version)
                     for entry in entries
                     if not isinstance(entry, InvalidInput)
                 ]
@@ -378,16 +389,16 @@ class Ingress:
         "/v1/predict",
         tags=["predict"],
         response_model=PredictResponse,
-        responses=_ERRORS,
+        responses=_SCORING_ERRORS,
         openapi_extra=_json_body_doc(PredictRequest),
     )
-    async def predict(self, _owner: Owner, _admitted: Admitted, body: JsonBody) -> ScoreResponse:
+    async def predict(self, owner: Owner, _admitted: Admitted, body: JsonBody) -> ScoreResponse:
         """Score one entity, with optional request-time context."""
         item = parse_item(body)
         _mark_admitted()
-        await self._shared_prefetch([item])
+        await self._shared_prefetch([item], owner)
         try:
-            return ScoreResponse(await score_one(item, self._answers, self._submit))
+            return ScoreResponse(await score_one(item, owner, self._answers, self._submit))
         finally:
             self._shared_flush()
             self._count_scoring("/v1/predict", 1)
@@ -396,11 +407,11 @@ class Ingress:
         "/v1/predict/batch",
         tags=["predict"],
         response_model=BatchResponse,
-        responses=_ERRORS,
+        responses=_SCORING_ERRORS,
         openapi_extra=_json_body_doc(BatchRequest),
     )
     async def predict_batch(
-        self, _owner: Owner, _admitted: Admitted, body: JsonBody
+        self, owner: Owner, _admitted: Admitted, body: JsonBody
     ) -> ScoreResponse:
         """Score many items. Results come in input order; each is a score or an error."""
         raw_items = parse_body(BatchRequest, body).items
@@ -408,9 +419,10 @@ class Ingress:
         check_item_count(len(raw_items), limit, " (use /v1/jobs for more)")
         entries = parse_items(raw_items)
         _mark_admitted()
-        await self._shared_prefetch(entries)
+        await self._shared_prefetch(entries, owner)
         try:
-            return ScoreResponse(await score_batch(entries, self._answers, self._submit_many))
+            answer = await score_batch(entries, owner, self._answers, self._submit_many)
+            return ScoreResponse(answer)
         finally:
             self._shared_flush()
             self._count_scoring("/v1/predict/batch", len(entries))
@@ -507,6 +519,7 @@ class Ingress:
         )
         jobs_stats = await self._job_worker.stats.remote() if self._job_worker else None
         cache = self._answers.cache
+        uploads = app.state.api_context.uploads
         return {
             "ingress": {
                 "prediction_cache_hits": cache.hits,
@@ -516,6 +529,7 @@ class Ingress:
                 "coalesced_items": self._coalescer.items,
                 "pid": os.getpid(),
                 "admission": app.state.api_context.admission.snapshot(),
+                "uploads_refused": None if uploads is None else uploads.refused,
             },
             "model": model_stats,
             "fetcher": fetcher_stats,

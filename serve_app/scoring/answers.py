@@ -33,45 +33,59 @@ Submit = Callable[[Item], Awaitable[tuple[str, ItemResult]]]
 
 
 class Answers:
-    """Builds answers and caches the clean ones, keyed by model version and item."""
+    """Builds answers and caches the clean ones, keyed by model version, caller and item.
 
-    def __init__(self, cache: PredictionCache) -> None:
+    ``per_key`` (the default): each caller (API key id) has its own entries, so a hit,
+    its ``cached: true`` and its speed tell a caller only what it asked itself. Shared,
+    key B learned that key A had scored an entity in the last ``ttl_s`` (an attacker
+    review's finding); sharing trades that for hits across callers.
+    """
+
+    def __init__(self, cache: PredictionCache, per_key: bool = True) -> None:
         self.cache = cache
+        self.per_key = per_key
         self.version: str | None = None  # the newest model version seen
 
-    def cached(self, key: ItemKey) -> Answer | None:
-        """The cached answer for an item's key (:func:`item_key`), or None."""
-        hit = self.cache.get((self.version, *key))
+    def cache_key(self, key: ItemKey, owner: str, version: str | None) -> tuple[Any, ...]:
+        """The cache's key of an item (:func:`item_key`) asked by ``owner``."""
+        return (version, owner if self.per_key else "", *key)
+
+    def cached(self, key: ItemKey, owner: str) -> Answer | None:
+        """The cached answer for an item's key asked by ``owner``, or None."""
+        hit = self.cache.get(self.cache_key(key, owner, self.version))
         return None if hit is None else {**hit, "cached": True}
 
-    def record(self, item: Item, key: ItemKey, version: str, result: ItemResult) -> Answer:
+    def record(
+        self, item: Item, key: ItemKey, owner: str, version: str, result: ItemResult
+    ) -> Answer:
         """The answer for a fresh result (cached unless degraded); errors pass through."""
         self.version = version
         if is_error(result):
             return result
         answer = {"entity_id": item["entity_id"], "model_version": version, "cached": False}
         answer.update(result)
-        self.cache.put((version, *key), answer)
+        self.cache.put(self.cache_key(key, owner, version), answer)
         return answer
 
 
-async def score_one(item: Item, answers: Answers, submit: Submit) -> Answer:
-    """One item's answer, or the exception its error maps to (404, 503, ...)."""
+async def score_one(item: Item, owner: str, answers: Answers, submit: Submit) -> Answer:
+    """One item's answer for ``owner``, or the exception its error maps to (404, 503, ...)."""
     key = item_key(item)
-    hit = answers.cached(key)
+    hit = answers.cached(key, owner)
     if hit is not None:
         return hit
     version, result = await submit(item)
-    answer = answers.record(item, key, version, result)
+    answer = answers.record(item, key, owner, version, result)
     if is_error(answer):
         raise error_for_item(answer["error"])
     return answer
 
 
 async def score_batch(
-    entries: Sequence[Item | InvalidInput], answers: Answers, call_model: ModelCall
+    entries: Sequence[Item | InvalidInput], owner: str, answers: Answers, call_model: ModelCall
 ) -> dict[str, Any]:
-    """The ``/v1/predict/batch`` body: a result per entry, in order, and a summary.
+    """The ``/v1/predict/batch`` body for ``owner``: a result per entry, in order, and a
+    summary.
 
     Each entry's key is computed once (it is the dedupe, cache and result key: computed
     per use it was a fifth of this function's time for 32 items).
@@ -86,7 +100,7 @@ async def score_batch(
     by_key: dict[ItemKey, Answer] = {}
     misses: list[tuple[ItemKey, Item]] = []
     for key, item in unique.items():
-        hit = answers.cached(key)
+        hit = answers.cached(key, owner)
         if hit is None:
             misses.append((key, item))
         else:
@@ -95,7 +109,7 @@ async def score_batch(
         answer = await call_model([item for _, item in misses])
         version = answer["model_version"]
         for (key, item), result in zip(misses, answer["results"], strict=True):
-            by_key[key] = answers.record(item, key, version, result)
+            by_key[key] = answers.record(item, key, owner, version, result)
     results = [
         batch_result(index, entry, by_key, key)
         for index, (entry, key) in enumerate(zip(entries, keys, strict=True))

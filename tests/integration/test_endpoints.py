@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.integration.conftest import ServeApp
+from tests.integration.conftest import OTHER_KEY, ServeApp
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +72,20 @@ def test_predict_then_cached(serve_app: ServeApp) -> None:
     other = serve_app.client.post("/v1/predict", json={**body, "context": {"amount": 1.0}})
     assert other.json()["cached"] is False  # context is part of the cache key
     assert first.headers["x-request-id"]
+
+
+def test_another_key_is_never_told_what_was_scored(serve_app: ServeApp) -> None:
+    """The cache is per key id: a key's first call is never ``cached``, though the same
+    (entity, context) was just cached for another key (on every replica, very likely:
+    each context is asked twice per replica first)."""
+    another_key = {"Authorization": f"Bearer {OTHER_KEY}"}
+    replicas = serve_app.stable_replicas("Ingress")
+    for amount in (11.0, 12.0, 13.0, 14.0, 15.0):
+        body = {"entity_id": "E0000043", "context": {"amount": amount}}
+        mine = [serve_app.client.post("/v1/predict", json=body).json() for _ in range(2 * replicas)]
+        assert any(call["cached"] for call in mine), mine
+        theirs = serve_app.client.post("/v1/predict", json=body, headers=another_key).json()
+        assert theirs["score"] == mine[0]["score"] and theirs["cached"] is False, theirs
 
 
 def test_unknown_entity_is_404(serve_app: ServeApp) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import deque
 from contextlib import ExitStack, suppress
@@ -444,3 +445,106 @@ def test_a_burst_whose_bodies_are_still_arriving_counts_against_the_limit() -> N
     asyncio.run(scenario())
     assert ran == 10 and refused == [503] * 90
     assert admission.load == 0
+
+
+def test_one_keys_stalled_uploads_are_capped_and_leave_others_admitted() -> None:
+    """Attacker review: 200 stalled bodies of one valid key held the replica's admission
+    (they count as pending until their bodies arrive) and other keys got 503 for up to
+    20 s. Now that key's third upload is a 429 of its own; other keys get in; a body that
+    arrives gives its slot back."""
+    from types import SimpleNamespace
+
+    from starlette.types import Message
+
+    from serve_app.api.admission import AdmissionMiddleware
+    from serve_app.api.uploads import UploadSlots
+
+    admission = Admission(10.0, max_inflight=3)
+    uploads = UploadSlots(per_caller=2)
+    context = SimpleNamespace(admission=admission, uploads=uploads)
+    arrive = {name: asyncio.Event() for name in ("m1", "m2", "o1")}
+    answers: dict[str, tuple[int, dict[bytes, bytes], bytes]] = {}
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        while (await receive()).get("more_body"):  # type: ignore[operator]
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"{}"})  # type: ignore[operator]
+
+    middleware = AdmissionMiddleware(app)  # type: ignore[arg-type]
+
+    async def upload(name: str, key: bytes) -> None:
+        scope = {**_predict_scope(admission), "headers": [(b"authorization", b"Bearer " + key)]}
+        scope["app"].state.api_context = context  # type: ignore[attr-defined]
+        sent = 0
+
+        async def receive() -> Message:
+            nonlocal sent
+            sent += 1
+            if sent == 1:
+                return {"type": "http.request", "body": b"[", "more_body": True}
+            if name in arrive:
+                await arrive[name].wait()  # stalled until the test lets it through
+            return {"type": "http.request", "body": b"]", "more_body": False}
+
+        status, headers, body = 0, {}, b""
+
+        async def send(message: Message) -> None:
+            nonlocal status, headers, body
+            if message["type"] == "http.response.start":
+                status, headers = message["status"], dict(message["headers"])
+            else:
+                body += message.get("body", b"")
+
+        await middleware(scope, receive, send)  # type: ignore[arg-type]
+        answers[name] = (status, headers, body)
+
+    async def settle() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        mine = [asyncio.create_task(upload(name, b"mallory-key")) for name in ("m1", "m2")]
+        await settle()
+        await upload("m3", b"mallory-key")  # the third stalled body of one key
+        other = asyncio.create_task(upload("o1", b"olivia-key"))
+        await settle()
+        assert admission.pending == 3 and uploads.arriving == 3
+        arrive["m1"].set()  # one body is in: its slot is free again
+        await mine[0]
+        await upload("m4", b"mallory-key")
+        for event in arrive.values():
+            event.set()
+        await asyncio.gather(*mine, other)
+
+    asyncio.run(scenario())
+    status, headers, body = answers["m3"]
+    assert status == 429 and headers[b"retry-after"] == b"1"
+    error = json.loads(body)["error"]
+    assert error["code"] == "too_many_requests"
+    assert error["details"] == [{"type": "uploads_per_key", "limit": 2}]
+    assert [answers[name][0] for name in ("m1", "m2", "o1", "m4")] == [200] * 4
+    assert uploads.arriving == 0 and uploads.refused == 1 and admission.load == 0
+
+
+def test_a_request_refused_by_admission_gives_its_upload_slot_back() -> None:
+    from types import SimpleNamespace
+
+    from serve_app.api.admission import AdmissionMiddleware
+    from serve_app.api.uploads import UploadSlots
+
+    admission = Admission(10.0, max_inflight=1)
+    admission.pending = 1  # someone else's body is arriving: the backstop is reached
+    uploads = UploadSlots(per_caller=1)
+    scope = {**_predict_scope(admission), "headers": [(b"authorization", b"Bearer k")]}
+    scope["app"].state.api_context = SimpleNamespace(admission=admission, uploads=uploads)
+    statuses: list[int] = []
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])  # type: ignore[arg-type]
+
+    middleware = AdmissionMiddleware(None)  # type: ignore[arg-type]
+    for _ in range(2):
+        asyncio.run(middleware(scope, None, send))  # type: ignore[arg-type]
+    assert statuses == [503, 503] and uploads.arriving == 0  # never 429: nothing held

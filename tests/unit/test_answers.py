@@ -47,7 +47,7 @@ def answers() -> Answers:
 
 def test_score_one_caches_clean_answers_only() -> None:
     model, cache = FakeModel(), answers()
-    first = asyncio.run(score_one(item("E3"), cache, model.submit))
+    first = asyncio.run(score_one(item("E3"), "alice", cache, model.submit))
     assert first == {
         "entity_id": "E3",
         "model_version": "v1",
@@ -55,9 +55,12 @@ def test_score_one_caches_clean_answers_only() -> None:
         "score": 0.3,
         "degraded": False,
     }
-    assert asyncio.run(score_one(item("E3"), cache, model.submit)) == {**first, "cached": True}
-    asyncio.run(score_one(item("E9"), cache, model.submit))
-    again = asyncio.run(score_one(item("E9"), cache, model.submit))
+    assert asyncio.run(score_one(item("E3"), "alice", cache, model.submit)) == {
+        **first,
+        "cached": True,
+    }
+    asyncio.run(score_one(item("E9"), "alice", cache, model.submit))
+    again = asyncio.run(score_one(item("E9"), "alice", cache, model.submit))
     assert again["cached"] is False  # degraded answers are not cached
     assert model.calls == [["E3"], ["E9"], ["E9"]]
 
@@ -65,26 +68,26 @@ def test_score_one_caches_clean_answers_only() -> None:
 def test_score_one_maps_item_errors_to_http_errors() -> None:
     model, cache = FakeModel(), answers()
     with pytest.raises(UnknownEntity):
-        asyncio.run(score_one(item("NOPE"), cache, model.submit))
+        asyncio.run(score_one(item("NOPE"), "alice", cache, model.submit))
     with pytest.raises(StoreUnavailable):
-        asyncio.run(score_one(item("DOWN"), cache, model.submit))
+        asyncio.run(score_one(item("DOWN"), "alice", cache, model.submit))
     with pytest.raises(FeatureRowInvalid, match="CORRUPT") as corrupt:
-        asyncio.run(score_one(item("CORRUPT"), cache, model.submit))
+        asyncio.run(score_one(item("CORRUPT"), "alice", cache, model.submit))
     assert corrupt.value.status_code == 502 and corrupt.value.code == "feature_row_invalid"
 
 
 def test_a_new_model_version_does_not_serve_old_cache_entries() -> None:
     model, cache = FakeModel("v1"), answers()
-    asyncio.run(score_one(item("E3"), cache, model.submit))
+    asyncio.run(score_one(item("E3"), "alice", cache, model.submit))
     model.version = "v2"
-    asyncio.run(score_one(item("E4"), cache, model.submit))  # the service learns of v2
-    fresh = asyncio.run(score_one(item("E3"), cache, model.submit))
+    asyncio.run(score_one(item("E4"), "alice", cache, model.submit))  # the service learns of v2
+    fresh = asyncio.run(score_one(item("E3"), "alice", cache, model.submit))
     assert fresh["model_version"] == "v2" and fresh["cached"] is False
 
 
 def test_batch_dedupes_serves_hits_and_sends_misses_in_one_call() -> None:
     model, cache = FakeModel(), answers()
-    asyncio.run(score_one(item("E1"), cache, model.submit))
+    asyncio.run(score_one(item("E1"), "alice", cache, model.submit))
     entries: list[Item | InvalidInput] = [
         item("E2"),
         InvalidInput("item is not valid", [{"loc": ["entity_id"]}]),
@@ -93,7 +96,7 @@ def test_batch_dedupes_serves_hits_and_sends_misses_in_one_call() -> None:
         item("NOPE"),
         item("E2", hour=5),
     ]
-    body = asyncio.run(score_batch(entries, cache, model.call))
+    body = asyncio.run(score_batch(entries, "alice", cache, model.call))
     assert model.calls[1:] == [["E2", "NOPE", "E2"]]  # one call, unique misses only
     results = body["results"]
     assert [r["index"] for r in results] == list(range(6))
@@ -113,6 +116,25 @@ def test_batch_dedupes_serves_hits_and_sends_misses_in_one_call() -> None:
 
 def test_batch_of_only_hits_makes_no_call() -> None:
     model, cache = FakeModel(), answers()
-    asyncio.run(score_batch([item("E1"), item("E2")], cache, model.call))
-    asyncio.run(score_batch([item("E2"), item("E1")], cache, model.call))
+    asyncio.run(score_batch([item("E1"), item("E2")], "alice", cache, model.call))
+    asyncio.run(score_batch([item("E2"), item("E1")], "alice", cache, model.call))
     assert model.calls == [["E1", "E2"]]
+
+
+def test_one_key_never_sees_another_keys_answers_as_cached() -> None:
+    """Attacker review: with one cache for all keys, ``cached: true`` (and a fast answer)
+    told key B that key A had scored E3 with that context in the last ttl_s."""
+    model, cache = FakeModel(), answers()
+    asyncio.run(score_one(item("E3"), "id:alice", cache, model.submit))
+    for_bob = asyncio.run(score_one(item("E3"), "id:bob", cache, model.submit))
+    assert for_bob["cached"] is False and len(model.calls) == 2  # computed for bob
+    batch = asyncio.run(score_batch([item("E3"), item("E4")], "id:carol", cache, model.call))
+    assert batch["summary"]["cached"] == 0
+    assert asyncio.run(score_one(item("E3"), "id:alice", cache, model.submit))["cached"] is True
+
+
+def test_a_shared_scope_shares_hits_across_keys() -> None:
+    model, cache = FakeModel(), Answers(PredictionCache(maxsize=100, ttl_s=60), per_key=False)
+    asyncio.run(score_one(item("E3"), "id:alice", cache, model.submit))
+    assert asyncio.run(score_one(item("E3"), "id:bob", cache, model.submit))["cached"] is True
+    assert len(model.calls) == 1
