@@ -35,6 +35,7 @@ from tests.integration.conftest import (
     API_KEY,
     HAPROXY_DIR,
     HAPROXY_METRICS_PORT,
+    OTHER_KEY,
     ServeApp,
     serve_env_file,
 )
@@ -270,6 +271,68 @@ def test_a_large_body_sent_whole_keeps_the_connection(serve_app: ServeApp) -> No
                 rest += chunk
             assert head_part.startswith(b"HTTP/1.1 200 "), answer[:300]
             assert b"connection: close" not in head_part.lower(), head_part
+
+
+def _answers_within(socks: list[socket.socket], quiet_s: float) -> dict[int, bytes]:
+    """What the server sent on each socket that got anything, until ``quiet_s`` without
+    news (an answer sent before the body arrived keeps its connection open for HAProxy's
+    `timeout client`, unless the client sends on)."""
+    import select
+
+    received = {i: b"" for i in range(len(socks))}
+    closed: set[int] = set()
+    while True:
+        open_ = [sock for i, sock in enumerate(socks) if i not in closed]
+        readable = select.select(open_, [], [], quiet_s)[0] if open_ else []
+        if not readable:
+            return {i: data for i, data in received.items() if data}
+        for sock in readable:
+            i = socks.index(sock)
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            received[i] += chunk
+            if not chunk:
+                closed.add(i)
+
+
+def test_one_keys_stalled_uploads_are_capped_and_other_keys_get_in(serve_app: ServeApp) -> None:
+    """A body still arriving counts against every caller's admission. One key's uploads
+    stalled after 20 KB: each Ingress replica lets limits.max_uploads_per_key of them
+    wait, and the rest get 429 ``uploads_per_key`` at once (then closed); another key is
+    served meanwhile, and the slots come back when the uploads go away."""
+    replicas = serve_app.stable_replicas("Ingress")
+    cap = serve_app.settings.limits.max_uploads_per_key
+    count = replicas * cap + 12
+    head = _head(100_000).replace(b"POST /v1/predict ", b"POST /v1/predict/batch ")
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(_connect(serve_app))
+            socks[-1].sendall(head + b"{" + b" " * 20_000)  # past HAProxy's 16 KiB buffer
+        refused = _answers_within(socks, quiet_s=3.0)
+        other = httpx.post(
+            f"{serve_app.base_url}/v1/predict",
+            json={"entity_id": "E0000007"},
+            headers={"Authorization": f"Bearer {OTHER_KEY}"},
+            timeout=10,
+        )
+    finally:
+        for sock in socks:
+            sock.close()
+    statuses = [answer.partition(b"\r\n")[0] for answer in refused.values()]
+    print(f"\n{count} stalled uploads of one key, {replicas} replicas: {len(refused)} refused")
+    assert len(refused) >= count - replicas * cap, statuses
+    for answer in refused.values():
+        assert answer.startswith(b"HTTP/1.1 429 "), answer[:300]
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["details"] == [{"type": "uploads_per_key", "limit": cap}]
+    assert other.status_code == 200, other.text
+    deadline = time.monotonic() + 10  # the stalled ones' slots come back once they are gone
+    while (mine := serve_app.client.post("/v1/predict", json=json.loads(BODY))).status_code != 200:
+        assert time.monotonic() < deadline, mine.text
+        time.sleep(0.2)
 
 
 def _request_id(i: int) -> str:
