@@ -91,7 +91,7 @@ def test_serve_env_haproxy_lines_are_in_haproxys_defaults(serve_app: ServeApp) -
             *(f"balance {shedding[0]}", *(extra.strip() for extra in shedding[1:])),
         ):
             assert line in defaults, f"{line!r} not in the defaults of {path}: {defaults}"
-        for status in (502, 503, 504):  # ours must come after Ray's bare-500 error pages
+        for status in (408, 502, 503, 504):  # ours must come after Ray's bare error pages
             ours = next(
                 i
                 for i, line in enumerate(defaults)
@@ -116,15 +116,25 @@ def test_a_body_sent_after_a_pause_is_answered(serve_app: ServeApp) -> None:
 
 
 def test_a_request_stalled_mid_body_gets_408(serve_app: ServeApp) -> None:
-    """A slow client cannot hold a connection: 408 once `timeout http-request` (10 s) ends."""
+    """A slow client cannot hold a connection: 408 once `timeout http-request` (10 s) ends,
+    with the app's JSON error body (HAProxy's own page was plain HTML)."""
+    head = _head(len(BODY)).replace(b"\r\n\r\n", b'\r\nX-Request-ID: slow-"1"\r\n\r\n')
+    answer = b""
     with _connect(serve_app) as sock:
         began = time.monotonic()
-        sock.sendall(_head(len(BODY)) + BODY[:5])
-        status = _read_status_line(sock)
+        sock.sendall(head + BODY[:5])
+        while chunk := sock.recv(65536):
+            answer += chunk
         waited = time.monotonic() - began
+    status, _, rest = answer.partition(b"\r\n")
     print(f"\nstalled request answered {status!r} after {waited:.1f} s")
-    assert status.startswith("HTTP/1.1 408"), status
+    assert status.startswith(b"HTTP/1.1 408"), answer[:300]
     assert 8 <= waited <= 25, waited
+    head_part, _, body = rest.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head_part.lower(), head_part
+    error = json.loads(body)
+    assert error["error"]["code"] == "request_timeout", error
+    assert error["request_id"] == 'slow-"1"', error
 
 
 def test_a_body_trickled_past_the_read_deadline_gets_408_whatever_the_client_asks(
