@@ -72,10 +72,18 @@ class RedisFeatureStore:
         return found
 
     async def ping(self) -> None:
+        """Reachable *and* loaded: the metadata key is checked, not just ``PING``. After a
+        ``FLUSHALL`` (or a Redis restarted without its data) every id is a 404, and a
+        plain ping kept ``/readyz`` saying ready all along."""
         try:
-            await self._redis.ping()
+            loaded = await self._redis.exists(META_KEY)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+        if not loaded:
+            raise StoreUnavailable(
+                f"redis holds no feature rows ({META_KEY} is missing): load them with "
+                "`serve-app load-features`"
+            )
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from serve_app.config import StoreConfig
 from serve_app.errors import StoreUnavailable
@@ -260,5 +261,22 @@ def test_redis_server_gone_is_store_unavailable() -> None:
             await store.get_many(KNOWN)
         with pytest.raises(StoreUnavailable):
             await store.ping()
+
+    _with_store(url, scenario)
+
+
+def test_an_emptied_redis_is_not_ready(redis_srv: RedisServer, small_store_path: Path) -> None:
+    """After FLUSHALL every id is a 404; a plain PING kept /readyz saying ready. Its own
+    database of the session's server, so the loaded one of the other tests stays."""
+    url = redis_srv.url.rsplit("/", 1)[0] + "/7"
+    load_into_redis(read_input(small_store_path), url, progress=False)
+
+    async def scenario(store: FeatureStore) -> None:
+        await store.ping()
+        redis.Redis.from_url(url).flushdb()
+        with pytest.raises(StoreUnavailable, match="load-features"):
+            await store.ping()
+        load_into_redis(read_input(small_store_path), url, progress=False)
+        await store.ping()
 
     _with_store(url, scenario)
