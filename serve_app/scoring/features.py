@@ -7,6 +7,7 @@ so ``predict_proba`` is called once per batch on a well-typed frame.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,10 +86,13 @@ _ALLOWED: dict[str, frozenset[str]] = {
 
 
 def number(value: Any) -> float:
-    """A float, or NaN for missing or non-numeric values (stored data may be messy)."""
+    """A float, or NaN for missing, non-numeric or non-finite values (stored data may be
+    messy: JSON from Redis or a feature API may say ``Infinity``, which the model would
+    score as a real extreme, and the loader refuses)."""
     if value is None:
         return np.nan
     try:
-        return float(value)
+        result = float(value)
     except (TypeError, ValueError, OverflowError):  # an int of 400 digits: no float
         return np.nan
+    return result if math.isfinite(result) else np.nan

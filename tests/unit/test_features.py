@@ -60,3 +60,13 @@ def test_a_stored_integer_too_large_for_a_float_is_missing_not_a_failed_batch() 
     frame = build_frame([{"income": huge, "age": 30}, {"age": 40}], [{}, {}])
     assert math.isnan(frame.loc[0, "income"]) and frame.loc[0, "age"] == 30
     assert frame.loc[1, "age"] == 40
+
+
+def test_a_stored_non_finite_number_is_missing_not_an_extreme() -> None:
+    """JSON from Redis or a feature API may carry Infinity or NaN (Python's json reads
+    both); the loader refuses them, but a row written by other hands was scored with
+    ``income = inf`` as if it were a real, extreme value."""
+    rows = [{"income": float("inf"), "age": "-Infinity"}, {"income": float("nan"), "age": 40}]
+    frame = build_frame(rows, [{}, {}])
+    assert frame[["income", "age"]].iloc[0].isna().all()
+    assert math.isnan(frame.loc[1, "income"]) and frame.loc[1, "age"] == 40
