@@ -371,7 +371,7 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         uploads: UploadSlots | None = getattr(context, "uploads", None)  # None: auth off
-        caller = caller_of(scope)
+        caller = caller_of(scope) if uploads is not None else b""
         try:
             if uploads is not None:
                 uploads.take(caller)
