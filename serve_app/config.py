@@ -181,9 +181,10 @@ class PredictionCacheConfig(_Settings):
     ttl_s: float = Field(300.0, gt=0)
     scope: Literal["per_key", "shared"] = Field(
         "per_key",
-        description="per_key: each API key id has its own entries, so a hit (its "
-        "`cached: true`, its speed) tells a caller only what it asked itself; shared: "
-        "callers share hits, and learn which (entity, context) others scored within ttl_s.",
+        description="per_key: each API key id has its own entries, so `cached: true` "
+        "tells a caller only what it asked itself (the FeatureFetcher's row cache is still "
+        "shared: a timing hint); shared: callers share hits, and learn which (entity, "
+        "context) others scored within ttl_s.",
     )
     url: str | None = Field(
         None,
@@ -238,10 +239,11 @@ class LimitsConfig(_Settings):
     max_uploads_per_key: int = Field(
         16,
         ge=1,
-        description="Per Ingress replica and API key: request bodies still arriving. One "
-        "more is a 429 for that key alone (with auth on). Admitted requests count against "
-        "everyone's admission until their bodies are in, so without it one key's stalled "
-        "uploads held the backstop and other keys got 503 for up to body_read_timeout_s.",
+        description="Per Ingress replica and API key: request bodies arriving for over 1 s. "
+        "The key's next request is a 429 for that key alone (with auth on). Admitted "
+        "requests count against everyone's admission until their bodies are in, so without "
+        "it one key's stalled uploads held the backstop and other keys got 503 for up to "
+        "body_read_timeout_s. A burst's bodies arrive within milliseconds: not counted.",
     )
 
     @model_validator(mode="before")

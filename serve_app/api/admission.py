@@ -69,7 +69,7 @@ from contextlib import contextmanager
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.api.request_id import sanitize
-from serve_app.api.uploads import TooManyUploads, UploadSlots, caller_of
+from serve_app.api.uploads import TooManyUploads, Upload, start_upload
 from serve_app.errors import Overloaded
 
 # The drain rate is the busy-time rate over windows of this length, smoothed.
@@ -370,23 +370,22 @@ class AdmissionMiddleware:
         if context is None:  # not started yet: the routes' dependency admits
             await self.app(scope, receive, send)
             return
-        uploads: UploadSlots | None = getattr(context, "uploads", None)  # None: auth off
-        caller = caller_of(scope) if uploads is not None else b""
         try:
-            if uploads is not None:
-                uploads.take(caller)
+            upload = start_upload(
+                scope, getattr(context, "uploads", None), getattr(context, "auth", None)
+            )
         except TooManyUploads as refused:
             await _refuse(scope, send, refused)
             return
         try:
             context.admission.check()
         except Overloaded as refused:
-            if uploads is not None:
-                uploads.give_back(caller)
+            if upload is not None:
+                upload.end()
             await _refuse(scope, send, refused)
             return
         scope[SCOPE_KEY] = True
-        counted = _CountedOnceReceived(context.admission, receive, uploads, caller)
+        counted = _CountedOnceReceived(context.admission, receive, upload)
         try:
             await self.app(scope, counted.receive, send)
         finally:
@@ -399,37 +398,27 @@ class _CountedOnceReceived:
     queue. Measured from the headers, one request uploading for 10 s at 50 req/s halved
     the measured drain rate (the replica looked busy) and made its age the evidence of
     waiting: bursts of 30 and 100 that the replica could serve were a third and four
-    fifths refused. Until then it also holds one of its caller's upload slots."""
+    fifths refused. Until then its key also counts it as an upload (``upload``)."""
 
-    def __init__(
-        self,
-        admission: Admission,
-        receive: Receive,
-        uploads: UploadSlots | None = None,
-        caller: bytes = b"",
-    ) -> None:
+    def __init__(self, admission: Admission, receive: Receive, upload: Upload | None) -> None:
         self._admission = admission
         self._receive = receive
         self._slot: contextlib.AbstractContextManager[None] | None = None
-        self._uploads = uploads
-        self._caller = caller
+        self._upload = upload
 
     async def receive(self) -> Message:
         message = await self._receive()
         body_done = message["type"] == "http.request" and not message.get("more_body", False)
         if body_done and self._slot is None:
-            self._give_back_upload()
+            if self._upload is not None:
+                self._upload.end()
             self._slot = self._admission.hold()
             self._slot.__enter__()
         return message
 
-    def _give_back_upload(self) -> None:
-        if self._uploads is not None:
-            self._uploads.give_back(self._caller)
-            self._uploads = None
-
     def release(self) -> None:
-        self._give_back_upload()
+        if self._upload is not None:
+            self._upload.end()
         if self._slot is not None:
             self._slot.__exit__(None, None, None)
         else:

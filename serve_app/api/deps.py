@@ -23,7 +23,7 @@ from serve_app.api.admission import SCOPE_KEY as ADMITTED_IN_SCOPE
 from serve_app.api.admission import Admission
 from serve_app.api.auth import KeyChecker
 from serve_app.api.body import read_json_body
-from serve_app.api.uploads import UploadSlots
+from serve_app.api.uploads import OWNER_IN_SCOPE, UploadSlots
 from serve_app.config import AppConfig
 
 
@@ -56,6 +56,9 @@ async def get_owner(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
+    found = request.scope.get(OWNER_IN_SCOPE)  # checked by the admission middleware
+    if found is not None:
+        return found
     return _context(request).auth.require(credentials.credentials if credentials else None)
 
 

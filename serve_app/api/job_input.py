@@ -255,9 +255,12 @@ class JobCreator:
         args = (raw, owner, idempotency_key, self._settings, self._webhooks_configured)
         if len(raw) <= IN_PROCESS_MAX_BYTES:
             return await asyncio.to_thread(create_job, *args, self._queue)
-        earlier = await asyncio.to_thread(replayed_job, self._queue, raw, owner, idempotency_key)
-        if earlier is not None:
-            return earlier, False
+        if idempotency_key is not None:
+            earlier = await asyncio.to_thread(
+                replayed_job, self._queue, raw, owner, idempotency_key
+            )
+            if earlier is not None:
+                return earlier, False
         # Refuse rather than queue behind busy workers: a large body waiting for one would
         # hold its 16 MB and run into the request timeout (408s in an 8-post test), while a
         # 503 + Retry-After lets the client come back when a worker is free.

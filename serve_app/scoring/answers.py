@@ -35,10 +35,11 @@ Submit = Callable[[Item], Awaitable[tuple[str, ItemResult]]]
 class Answers:
     """Builds answers and caches the clean ones, keyed by model version, caller and item.
 
-    ``per_key`` (the default): each caller (API key id) has its own entries, so a hit,
-    its ``cached: true`` and its speed tell a caller only what it asked itself. Shared,
-    key B learned that key A had scored an entity in the last ``ttl_s`` (an attacker
-    review's finding); sharing trades that for hits across callers.
+    ``per_key`` (the default): each caller (API key id) has its own entries, so a hit
+    and its ``cached: true`` tell a caller only what it asked itself. Shared, key B
+    learned that key A had scored an entity in the last ``ttl_s`` (an attacker review's
+    finding); sharing trades that for hits across callers. (Timing is not covered: the
+    FeatureFetcher's row cache is by entity id, for everyone.)
     """
 
     def __init__(self, cache: PredictionCache, per_key: bool = True) -> None:

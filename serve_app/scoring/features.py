@@ -85,6 +85,14 @@ _ALLOWED: dict[str, frozenset[str]] = {
 }
 
 
+def is_usable(name: str, value: Any) -> bool:
+    """Would ``value`` of feature ``name`` reach the model as a value, not as missing?
+    (What :func:`build_frame` keeps: a finite number, or a known category.)"""
+    if name in _ALLOWED:
+        return value in _ALLOWED[name]
+    return not math.isnan(number(value))
+
+
 def number(value: Any) -> float:
     """A float, or NaN for missing, non-numeric or non-finite values (stored data may be
     messy: JSON from Redis or a feature API may say ``Infinity``, which the model would

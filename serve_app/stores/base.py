@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from serve_app.errors import StoreUnavailable
-from serve_app.scoring.features import ENTITY_FEATURES
+from serve_app.scoring.features import ENTITY_FEATURES, is_usable
 
 FeatureRow = dict[str, Any]
 LookupStatus = Literal["ok", "degraded", "unavailable"]
@@ -74,16 +74,16 @@ def checked_rows(rows: object, asked: Sequence[str]) -> dict[str, StoredRow]:
 
 def _checked(row: object) -> StoredRow:
     """The row, or what is wrong with it, for the logs (never its values: they may be
-    anyone's). A row with none of the model's features, or all of them null (SQLite's
-    NULL columns), would be scored exactly as the defaults yet look like a real,
-    cacheable answer."""
+    anyone's). A row with none of the model's features, or none the model could use
+    (SQLite's NULL columns, ``Infinity``, unknown categories), would be scored exactly as
+    the defaults yet look like a real, cacheable answer."""
     if not isinstance(row, dict):
         return CorruptRow(f"not a flat object but {type(row).__name__}")
     for name, value in row.items():
         if not isinstance(value, _SCALAR):
             return CorruptRow(f"not a flat object: {type(value).__name__} in {str(name)[:40]!r}")
-    if all(row.get(name) is None for name in ENTITY_FEATURES):
-        return CorruptRow("none of the model's entity features")
+    if not any(is_usable(name, row.get(name)) for name in ENTITY_FEATURES):
+        return CorruptRow("none of the model's entity features (or none it could use)")
     return row
 
 

@@ -72,16 +72,17 @@ class RedisFeatureStore:
         return found
 
     async def ping(self) -> None:
-        """Reachable *and* loaded: the metadata key is checked, not just ``PING``. After a
-        ``FLUSHALL`` (or a Redis restarted without its data) every id is a 404, and a
-        plain ping kept ``/readyz`` saying ready all along."""
+        """Reachable *and* holding something: after a ``FLUSHALL`` (or a Redis restarted
+        without its data) every id is a 404, and a plain ``PING`` kept ``/readyz`` saying
+        ready. Loaded means the loader's metadata key exists or, for rows written by other
+        hands (or a load still running), that the database holds any key at all."""
         try:
-            loaded = await self._redis.exists(META_KEY)
+            loaded = await self._redis.exists(META_KEY) or await self._redis.dbsize() > 0
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
         if not loaded:
             raise StoreUnavailable(
-                f"redis holds no feature rows ({META_KEY} is missing): load them with "
+                "redis holds no feature rows (its database is empty): load them with "
                 "`serve-app load-features`"
             )
 

@@ -28,7 +28,7 @@ from serve_app.scoring.features import ENTITY_FEATURES
 from serve_app.stores import CorruptRow, FeatureStore, open_store
 from serve_app.stores.client import StoreClient
 from serve_app.stores.http import HttpFeatureStore
-from serve_app.stores.redis import RedisFeatureStore
+from serve_app.stores.redis import RedisFeatureStore, feature_key
 from serve_app.stores.sqlite import SQLiteFeatureStore
 from tests.services import RedisServer, redis_server
 
@@ -198,6 +198,8 @@ CORRUPT_REDIS_ROWS = {
     '{"age": [1]}': "list in 'age'",
     "{}": "none of the model's entity features",
     '{"age": null, "region": null}': "none of the model's entity features",
+    # nothing the model could use: scored as the defaults, cached as a real answer before
+    '{"age": Infinity, "income": NaN, "region": "mars"}': "none it could use",
     "7": "but int",
     "<html>": "not JSON",
     "[" * 3000: "not JSON",  # nested past the stack: a RecursionError, not a ValueError
@@ -276,7 +278,10 @@ def test_an_emptied_redis_is_not_ready(redis_srv: RedisServer, small_store_path:
         redis.Redis.from_url(url).flushdb()
         with pytest.raises(StoreUnavailable, match="load-features"):
             await store.ping()
-        load_into_redis(read_input(small_store_path), url, progress=False)
+        admin = redis.Redis.from_url(url)
+        admin.set(feature_key("E0000001"), '{"age": 40}')  # written by other hands: no _meta
         await store.ping()
+        admin.flushdb()
+        admin.close()
 
     _with_store(url, scenario)

@@ -309,19 +309,26 @@ def _answers_within(socks: list[socket.socket], quiet_s: float) -> dict[int, byt
 
 def test_one_keys_stalled_uploads_are_capped_and_other_keys_get_in(serve_app: ServeApp) -> None:
     """A body still arriving counts against every caller's admission. One key's uploads
-    stalled after 20 KB: each Ingress replica lets limits.max_uploads_per_key of them
-    wait, and the rest get 429 ``uploads_per_key`` at once (then closed); another key is
-    served meanwhile, and the slots come back when the uploads go away."""
+    stalled after 20 KB: a first wave is let in whole (a burst is no flood), and once
+    they have stalled for over a second each Ingress replica refuses that key's next
+    uploads with 429 ``uploads_per_key``; another key is served meanwhile, and the
+    slots come back when the uploads go away."""
     replicas = serve_app.stable_replicas("Ingress")
     cap = serve_app.settings.limits.max_uploads_per_key
-    count = replicas * cap + 12
+    first_wave, second_wave = replicas * (cap + 2), 12  # HAProxy's leastconn spreads them
     head = _head(100_000).replace(b"POST /v1/predict ", b"POST /v1/predict/batch ")
     socks: list[socket.socket] = []
-    try:
+
+    def stall(count: int) -> None:
         for _ in range(count):
             socks.append(_connect(serve_app))
             socks[-1].sendall(head + b"{" + b" " * 20_000)  # past HAProxy's 16 KiB buffer
-        refused = _answers_within(socks, quiet_s=3.0)
+
+    try:
+        stall(first_wave)
+        burst_refused = _answers_within(socks, quiet_s=1.5)  # and now they are slow
+        stall(second_wave)
+        refused = _answers_within(socks[first_wave:], quiet_s=3.0)
         other = httpx.post(
             f"{serve_app.base_url}/v1/predict",
             json={"entity_id": "E0000007"},
@@ -331,9 +338,12 @@ def test_one_keys_stalled_uploads_are_capped_and_other_keys_get_in(serve_app: Se
     finally:
         for sock in socks:
             sock.close()
-    statuses = [answer.partition(b"\r\n")[0] for answer in refused.values()]
-    print(f"\n{count} stalled uploads of one key, {replicas} replicas: {len(refused)} refused")
-    assert len(refused) >= count - replicas * cap, statuses
+    print(
+        f"\n{first_wave} + {second_wave} stalled uploads of one key, {replicas} replicas: "
+        f"{len(burst_refused)} and {len(refused)} refused"
+    )
+    assert burst_refused == {}, burst_refused
+    assert len(refused) == second_wave, refused
     for answer in refused.values():
         assert answer.startswith(b"HTTP/1.1 429 "), answer[:300]
         body = json.loads(answer.split(b"\r\n\r\n", 1)[1])

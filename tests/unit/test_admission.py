@@ -447,10 +447,40 @@ def test_a_burst_whose_bodies_are_still_arriving_counts_against_the_limit() -> N
     assert admission.load == 0
 
 
+class _Keys:
+    """Stands for KeyChecker: two valid keys and their owners."""
+
+    owners = {"mallory-key": "id:mallory", "olivia-key": "id:olivia"}
+
+    def owner_of(self, presented: str | None) -> str | None:
+        return self.owners.get(presented or "")
+
+
+def _upload_scope(context: object, authorization: bytes) -> dict[str, object]:
+    from types import SimpleNamespace
+
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/predict/batch",
+        "headers": [(b"authorization", authorization)],
+        "app": SimpleNamespace(state=SimpleNamespace(api_context=context)),
+    }
+
+
+async def _body_in(scope: dict[str, object], receive: object, send: object) -> None:
+    """The route: reads the whole body, then answers 200."""
+    while (await receive()).get("more_body"):  # type: ignore[operator]
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+    await send({"type": "http.response.body", "body": b"{}"})  # type: ignore[operator]
+
+
 def test_one_keys_stalled_uploads_are_capped_and_leave_others_admitted() -> None:
     """Attacker review: 200 stalled bodies of one valid key held the replica's admission
     (they count as pending until their bodies arrive) and other keys got 503 for up to
-    20 s. Now that key's third upload is a 429 of its own; other keys get in; a body that
+    20 s. Now, once that key has two uploads arriving for over a second, its next request
+    is a 429 of its own, however it spells its header; other keys get in; a body that
     arrives gives its slot back."""
     from types import SimpleNamespace
 
@@ -459,23 +489,15 @@ def test_one_keys_stalled_uploads_are_capped_and_leave_others_admitted() -> None
     from serve_app.api.admission import AdmissionMiddleware
     from serve_app.api.uploads import UploadSlots
 
+    now = [0.0]
     admission = Admission(10.0, max_inflight=3)
-    uploads = UploadSlots(per_caller=2)
-    context = SimpleNamespace(admission=admission, uploads=uploads)
+    uploads = UploadSlots(per_key=2, slow_s=1.0, clock=lambda: now[0])
+    context = SimpleNamespace(admission=admission, uploads=uploads, auth=_Keys())
     arrive = {name: asyncio.Event() for name in ("m1", "m2", "o1")}
     answers: dict[str, tuple[int, dict[bytes, bytes], bytes]] = {}
+    middleware = AdmissionMiddleware(_body_in)  # type: ignore[arg-type]
 
-    async def app(scope: dict[str, object], receive: object, send: object) -> None:
-        while (await receive()).get("more_body"):  # type: ignore[operator]
-            pass
-        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
-        await send({"type": "http.response.body", "body": b"{}"})  # type: ignore[operator]
-
-    middleware = AdmissionMiddleware(app)  # type: ignore[arg-type]
-
-    async def upload(name: str, key: bytes) -> None:
-        scope = {**_predict_scope(admission), "headers": [(b"authorization", b"Bearer " + key)]}
-        scope["app"].state.api_context = context  # type: ignore[attr-defined]
+    async def upload(name: str, authorization: bytes) -> None:
         sent = 0
 
         async def receive() -> Message:
@@ -496,7 +518,7 @@ def test_one_keys_stalled_uploads_are_capped_and_leave_others_admitted() -> None
             else:
                 body += message.get("body", b"")
 
-        await middleware(scope, receive, send)  # type: ignore[arg-type]
+        await middleware(_upload_scope(context, authorization), receive, send)  # type: ignore[arg-type]
         answers[name] = (status, headers, body)
 
     async def settle() -> None:
@@ -504,15 +526,19 @@ def test_one_keys_stalled_uploads_are_capped_and_leave_others_admitted() -> None
             await asyncio.sleep(0)
 
     async def scenario() -> None:
-        mine = [asyncio.create_task(upload(name, b"mallory-key")) for name in ("m1", "m2")]
+        mine = [
+            asyncio.create_task(upload("m1", b"Bearer mallory-key")),
+            asyncio.create_task(upload("m2", b"bearer  mallory-key ")),  # the same key
+        ]
         await settle()
-        await upload("m3", b"mallory-key")  # the third stalled body of one key
-        other = asyncio.create_task(upload("o1", b"olivia-key"))
+        now[0] = 1.5  # both have been arriving for over a second
+        await upload("m3", b"BEARER mallory-key")
+        other = asyncio.create_task(upload("o1", b"Bearer olivia-key"))
         await settle()
         assert admission.pending == 3 and uploads.arriving == 3
         arrive["m1"].set()  # one body is in: its slot is free again
         await mine[0]
-        await upload("m4", b"mallory-key")
+        await upload("m4", b"Bearer mallory-key")
         for event in arrive.values():
             event.set()
         await asyncio.gather(*mine, other)
@@ -527,6 +553,62 @@ def test_one_keys_stalled_uploads_are_capped_and_leave_others_admitted() -> None
     assert uploads.arriving == 0 and uploads.refused == 1 and admission.load == 0
 
 
+def test_a_burst_of_one_keys_fast_bodies_is_not_an_upload_flood() -> None:
+    """Past HAProxy's 16 KiB buffer a body streams, so a burst of one key's batches has
+    every body arriving at once for a moment: counting those refused 48 of 64."""
+    from types import SimpleNamespace
+
+    from starlette.types import Message
+
+    from serve_app.api.admission import AdmissionMiddleware
+    from serve_app.api.uploads import UploadSlots
+
+    uploads = UploadSlots(per_key=16)
+    context = SimpleNamespace(admission=Admission(10.0), uploads=uploads, auth=_Keys())
+    middleware = AdmissionMiddleware(_body_in)  # type: ignore[arg-type]
+    statuses: list[int] = []
+
+    async def one() -> None:
+        async def receive() -> Message:
+            await asyncio.sleep(0.001)  # the rest of the body, a moment later
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await middleware(_upload_scope(context, b"Bearer mallory-key"), receive, send)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        await asyncio.gather(*(one() for _ in range(64)))
+
+    asyncio.run(scenario())
+    assert statuses == [200] * 64 and uploads.arriving == 0
+
+
+def test_a_request_without_a_valid_key_holds_no_upload_slot() -> None:
+    """It gets its 401 from the route before its body is read; counting it under a made-up
+    token answered 429 "this key already has..." instead."""
+    from types import SimpleNamespace
+
+    from serve_app.api.admission import AdmissionMiddleware
+    from serve_app.api.uploads import OWNER_IN_SCOPE, UploadSlots
+
+    uploads = UploadSlots(per_key=1)
+    context = SimpleNamespace(admission=Admission(10.0), uploads=uploads, auth=_Keys())
+    seen: list[object] = []
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        seen.append((scope.get(OWNER_IN_SCOPE), uploads.arriving))
+
+    middleware = AdmissionMiddleware(app)  # type: ignore[arg-type]
+    for header in (b"Bearer nobody-key", b"Basic mallory-key", b""):
+        asyncio.run(middleware(_upload_scope(context, header), None, None))  # type: ignore[arg-type]
+    asyncio.run(middleware(_upload_scope(context, b"Bearer mallory-key"), None, None))  # type: ignore[arg-type]
+    assert seen == [(None, 0), (None, 0), (None, 0), ("id:mallory", 1)]
+    assert uploads.arriving == 0  # given back when the request ended
+
+
 def test_a_request_refused_by_admission_gives_its_upload_slot_back() -> None:
     from types import SimpleNamespace
 
@@ -535,9 +617,8 @@ def test_a_request_refused_by_admission_gives_its_upload_slot_back() -> None:
 
     admission = Admission(10.0, max_inflight=1)
     admission.pending = 1  # someone else's body is arriving: the backstop is reached
-    uploads = UploadSlots(per_caller=1)
-    scope = {**_predict_scope(admission), "headers": [(b"authorization", b"Bearer k")]}
-    scope["app"].state.api_context = SimpleNamespace(admission=admission, uploads=uploads)
+    uploads = UploadSlots(per_key=1, slow_s=0.0)
+    context = SimpleNamespace(admission=admission, uploads=uploads, auth=_Keys())
     statuses: list[int] = []
 
     async def send(message: dict[str, object]) -> None:
@@ -546,5 +627,6 @@ def test_a_request_refused_by_admission_gives_its_upload_slot_back() -> None:
 
     middleware = AdmissionMiddleware(None)  # type: ignore[arg-type]
     for _ in range(2):
+        scope = _upload_scope(context, b"Bearer mallory-key")
         asyncio.run(middleware(scope, None, send))  # type: ignore[arg-type]
     assert statuses == [503, 503] and uploads.arriving == 0  # never 429: nothing held
