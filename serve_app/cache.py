@@ -182,9 +182,9 @@ class SharedPredictionCache(PredictionCache):
     so a new model never serves an old model's answers::
 
         serve_app:pred:v3:{model_version}:{json [owner, entity_id, amount, hour, channel]}
+          -> json [expires_at (Unix time), answer]
 
     (``owner`` is the caller's key id with ``scope: per_key``, empty when shared.)
-          -> json [expires_at (Unix time), answer]
 
     The value carries its expiry so that a copy made late in its life keeps only the
     rest of it locally: with a fresh local TTL, an answer copied at 59 s of a 60 s TTL
